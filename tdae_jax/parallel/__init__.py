@@ -1,0 +1,1 @@
+"""Device meshes, shardings and the multi-host split."""

@@ -1,0 +1,67 @@
+"""Mesh over devices with one batch axis ``"data"`` (DESIGN.md, convention 5).
+
+Batches are sharded over ``data``; surrogate params are replicated. ``pad_batch`` pads a batch to
+a multiple of the device count with copies of its last row and a ``valid`` mask, so any number of
+images runs on any number of devices and the padding never reaches an output.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+def make_mesh(num_devices: int | None = None, axis: str = "data") -> Mesh:
+    """A 1-D mesh over the first ``num_devices`` devices (all by default)."""
+    devices = jax.devices()
+    if num_devices is not None:
+        if num_devices < 1 or num_devices > len(devices):
+            raise ValueError(f"num_devices={num_devices} but {len(devices)} devices are visible")
+        devices = devices[:num_devices]
+    return Mesh(np.asarray(devices), (axis,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading axis split over ``data``."""
+    return NamedSharding(mesh, P(mesh.axis_names[0]))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def shard_batch(tree: Any, mesh: Mesh) -> Any:
+    """Place every array leaf of ``tree`` with its leading axis sharded over ``data``."""
+    s = batch_sharding(mesh)
+    return jax.tree.map(lambda a: jax.device_put(a, s), tree)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    s = replicated(mesh)
+    return jax.tree.map(lambda a: jax.device_put(a, s), tree)
+
+
+def padded_size(n: int, mesh: Mesh) -> int:
+    d = mesh.devices.size
+    return max(d, -(-n // d) * d)
+
+
+def pad_batch(tree: Any, n: int, size: int) -> tuple[Any, np.ndarray]:
+    """Pad each leaf's leading axis from ``n`` to ``size`` by repeating the last row.
+
+    Returns the padded tree and ``valid: [size] bool``.
+    """
+    if size < n:
+        raise ValueError(f"cannot pad {n} rows to {size}")
+
+    def pad(a):
+        a = np.asarray(a)
+        if size == n:
+            return a
+        reps = np.repeat(a[n - 1 : n], size - n, axis=0)
+        return np.concatenate([a[:n], reps], axis=0)
+
+    valid = np.arange(size) < n
+    return jax.tree.map(pad, tree), valid
