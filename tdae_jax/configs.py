@@ -73,6 +73,7 @@ class DPD:
     step_size: float = 2.0 / 255.0
     eps: float = 8.0 / 255.0
     clamp_to_range: bool = True  # v1's [min c, max c] clamp
+    resample_noise: bool = False  # False: one key (one xi) for all M steps of a round; True: fresh per step
 
 
 @dataclasses.dataclass(frozen=True)

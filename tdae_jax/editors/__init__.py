@@ -1,0 +1,278 @@
+"""The threats, simulated: victim editors as jit-compiled sampling loops (TDAE spec §1, "Threat model").
+
+Each editor is a pure function ``edit(surrogate, images, emb, uncond_emb, keys, config, mask=None, noise=None)
+-> images [B,H,W,3] in [0,1]`` reproducing a diffusers 0.39.0 pipeline at its defaults:
+
+- ``img2img`` (alias ``sdedit``): ``StableDiffusionImg2ImgPipeline`` (strength 0.8, 50 steps, CFG 7.5);
+- ``ip2p``: ``StableDiffusionInstructPix2PixPipeline`` (100 steps, text CFG 7.5, image CFG 1.5, three branches);
+- ``inpaint``: ``StableDiffusionInpaintPipeline`` with a 9-channel UNet (strength 1.0, 50 steps, CFG 7.5).
+
+The sampler is the model directory's scheduler (``scheduler_config["_class_name"]``, as ``from_pretrained`` does),
+or the family's shipped default when the surrogate has none: SD 1.x = PNDM (PLMS, PRK skipped); InstructPix2Pix
+= Euler-ancestral and SD-inpainting = DDIM (both as recalled from the hub checkpoints; verify against the
+model's ``scheduler_config.json``). All randomness is per image: the draws of image ``i`` come from ``keys[i]``
+(``fold_in(key, stream)``), so a batch of 4 equals 4 batches of 1 and edit(clean) / edit(protected) share their
+noise when given the same keys. Any draw can be injected instead (``noise={"encode", "latents", "masked",
+"steps"}``), which is how the PyTorch parity tests feed both sides the same numbers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tdae_jax.editors import schedulers
+
+KINDS = ("img2img", "ip2p", "inpaint")
+ALIASES = {"sdedit": "img2img", "instructpix2pix": "ip2p", "inpainting": "inpaint"}
+MODULES = {"img2img": "tdae_jax.editors.img2img", "ip2p": "tdae_jax.editors.ip2p",
+           "inpaint": "tdae_jax.editors.inpaint"}
+FAMILY = {"img2img": "sd", "ip2p": "ip2p", "inpaint": "inpaint"}
+PIPELINE_DEFAULTS = {  # diffusers 0.39.0 __call__ defaults
+    "img2img": {"num_inference_steps": 50, "strength": 0.8},
+    "ip2p": {"num_inference_steps": 100, "strength": None},
+    "inpaint": {"num_inference_steps": 50, "strength": 1.0},
+}
+FAMILY_SCHEDULER = {"sd": "pndm", "ip2p": "euler_ancestral", "inpaint": "ddim"}
+# Options of the shipped scheduler configs that a bare (class-less) scheduler config may lack: SD's PNDM skips PRK.
+FAMILY_SCHEDULER_OPTIONS = {"pndm": {"skip_prk_steps": True}}
+STREAMS = {"encode": 1, "latents": 2, "masked": 3, "steps": 4}
+
+
+@dataclasses.dataclass(frozen=True)
+class Editor:
+    """Victim-editor configuration (hashable: it is a static jit argument). ``None`` = the pipeline default.
+
+    ``latent_sample``: how img2img / inpaint encode images, ``"sample"`` (diffusers: ``latent_dist.sample``)
+    or ``"mean"``. ``scheduler_options``: extra ``from_config`` keys, e.g. ``{"timestep_spacing": "trailing"}``.
+    ``output``: ``"image"`` (``[B,H,W,3]`` in [0,1], clipped as ``postprocess`` does) or ``"latent"``.
+    """
+
+    kind: str = "img2img"
+    scheduler: str | None = None
+    num_inference_steps: int | None = None
+    strength: float | None = None
+    guidance_scale: float = 7.5
+    image_guidance_scale: float = 1.5
+    eta: float = 0.0
+    latent_sample: str = "sample"
+    scheduler_options: Any = ()
+    output: str = "image"
+    remat: bool = False
+
+    def __post_init__(self):
+        kind = ALIASES.get(self.kind, self.kind)
+        if kind not in KINDS:
+            raise ValueError(f"unknown editor {self.kind!r}; known: {KINDS} (aliases {sorted(ALIASES)})")
+        object.__setattr__(self, "kind", kind)
+        opts = self.scheduler_options
+        opts = tuple(sorted(dict(opts).items())) if isinstance(opts, Mapping) else tuple(tuple(p) for p in opts)
+        object.__setattr__(self, "scheduler_options", opts)
+        if self.scheduler is not None:
+            object.__setattr__(self, "scheduler", schedulers.canonical(self.scheduler))
+        if self.latent_sample not in ("sample", "mean"):
+            raise ValueError(f"latent_sample must be 'sample' or 'mean', got {self.latent_sample!r}")
+        if self.output not in ("image", "latent"):
+            raise ValueError(f"output must be 'image' or 'latent', got {self.output!r}")
+        if self.kind == "ip2p" and self.strength is not None:
+            raise ValueError("InstructPix2Pix has no strength (it starts from pure noise)")
+        if self.strength is not None and not 0.0 <= self.strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {self.strength}")
+        if self.eta < 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta}")
+
+    def resolve(self, surrogate) -> "Editor":
+        """Fill every ``None`` from the pipeline defaults and the surrogate's scheduler config."""
+        if surrogate.family != FAMILY[self.kind]:
+            raise ValueError(f"editor {self.kind!r} needs a {FAMILY[self.kind]!r} surrogate "
+                             f"(UNet with the matching input channels), got family {surrogate.family!r}")
+        d = PIPELINE_DEFAULTS[self.kind]
+        sched, opts = self.scheduler, dict(self.scheduler_options)
+        if sched is None:
+            name = surrogate.static.scheduler_config.get("_class_name")
+            sched = schedulers.CLASS_NAMES.get(name)
+            if sched is None:  # no (supported) class in the model's config: the family's shipped sampler
+                sched = FAMILY_SCHEDULER[surrogate.family]
+                shipped = FAMILY_SCHEDULER_OPTIONS.get(sched, {})
+                opts = {**{k: v for k, v in shipped.items() if k not in surrogate.static.scheduler_config}, **opts}
+        return dataclasses.replace(
+            self, scheduler=sched, scheduler_options=tuple(sorted(opts.items())),
+            num_inference_steps=d["num_inference_steps"] if self.num_inference_steps is None else self.num_inference_steps,
+            strength=d["strength"] if self.strength is None else self.strength)
+
+
+def plan_for(config: Editor, surrogate) -> schedulers.Plan:
+    """The sampling schedule of a resolved ``config`` on ``surrogate`` (host-side, cheap)."""
+    st = surrogate.static
+    cfg = schedulers.resolve_config(config.scheduler, st.scheduler_config, st.prediction_type,
+                                    dict(config.scheduler_options))
+    return schedulers.make_plan(config.scheduler, cfg, st.alphas_cumprod, config.num_inference_steps,
+                                config.strength, config.eta)
+
+
+# ------------------------------------------------------------------------------------------------ shared pieces
+def as_keys(keys, batch: int) -> jax.Array:
+    """``[B]`` typed keys from typed keys or raw ``[B, 2] uint32`` key data."""
+    keys = keys if isinstance(keys, jax.Array) else jnp.asarray(keys)
+    if not jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
+        keys = jax.random.wrap_key_data(keys)
+    if keys.shape != (batch,):
+        raise ValueError(f"need one key per image: keys.shape={keys.shape}, batch={batch}")
+    return keys
+
+
+def latent_shape(surrogate, images) -> tuple[int, int, int]:
+    b, h, w, _ = images.shape
+    f = surrogate.downsample
+    if h % f or w % f:
+        raise ValueError(f"image size {h}x{w} is not a multiple of the VAE factor {f}")
+    return surrogate.latent_channels, h // f, w // f
+
+
+def get_noise(noise: Mapping | None, name: str, keys: jax.Array, shape) -> jax.Array:
+    """Injected ``noise[name]`` ``[B,*shape]``, else one N(0, I) draw per image from ``fold_in(key, stream)``."""
+    if noise is not None and noise.get(name) is not None:
+        return jnp.asarray(noise[name], jnp.float32)
+    s = STREAMS[name]
+    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, s), shape, jnp.float32))(keys)
+
+
+def get_step_noise(noise: Mapping | None, keys: jax.Array, plan: schedulers.Plan, shape) -> jax.Array | None:
+    """``[N,B,*shape]`` per-step noise of a stochastic scheduler (step ``i`` of image ``b``: fold_in(fold_in(key, 4), i))."""
+    if not plan.stochastic:
+        return None
+    if noise is not None and noise.get("steps") is not None:
+        return jnp.asarray(noise["steps"], jnp.float32)
+    steps = jnp.arange(plan.num_steps)
+
+    def per_image(k):
+        k = jax.random.fold_in(k, STREAMS["steps"])
+        return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(k, i), shape, jnp.float32))(steps)
+
+    return jnp.swapaxes(jax.vmap(per_image)(keys), 0, 1)
+
+
+def encode(surrogate, images, eps=None) -> jax.Array:
+    """Scaled latents ``[B,C,h,w]``: posterior mean (``eps=None``) or ``mean + std*eps`` (``latent_dist.sample``)."""
+    mean, std = surrogate._moments(images)
+    z = mean if eps is None else mean + std * eps
+    return z * surrogate.static.scaling_factor
+
+
+def unet_branches(surrogate, z, t, embs: Sequence[jax.Array], **conds: Sequence[jax.Array]) -> jax.Array:
+    """One UNet call over ``K`` guidance branches, interleaved per image (``[B*K]`` rows, image-major, so a
+    batch-sharded ``z`` stays local). ``conds``: extra inputs of ``unet_out``, one ``[B,...]`` per branch.
+    Returns ``[B, K, C, h, w]``."""
+    b, k = z.shape[0], len(embs)
+    flat = lambda xs: jnp.stack(xs, 1).reshape((b * k,) + xs[0].shape[1:])  # noqa: E731
+    out = surrogate.unet_out(flat([z] * k), t, flat(list(embs)), **{n: flat(list(v)) for n, v in conds.items()})
+    return out.reshape((b, k) + out.shape[1:]).astype(jnp.float32)
+
+
+def finish(surrogate, z, config: Editor) -> jax.Array:
+    if config.output == "latent":
+        return z
+    return jnp.clip(surrogate.decode(z).astype(jnp.float32), 0.0, 1.0)
+
+
+def broadcast_uncond(uncond_emb, emb) -> jax.Array:
+    u = jnp.asarray(uncond_emb)
+    u = u[None] if u.ndim == 2 else u
+    return jnp.broadcast_to(u, emb.shape).astype(emb.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ registry
+def editor_module(kind: str):
+    kind = ALIASES.get(kind, kind)
+    if kind not in MODULES:
+        raise ValueError(f"unknown editor {kind!r}; known: {KINDS}")
+    return importlib.import_module(MODULES[kind])
+
+
+class EditFn:
+    """``edit_fn(images, emb, uncond_emb, keys, mask=None, noise=None) -> images`` bound to a surrogate.
+
+    With a ``mesh``, the batch is padded to a multiple of the device count, sharded over its ``data`` axis
+    (params replicated), and the padding is cut from the result. ``config`` is the resolved :class:`Editor`.
+    """
+
+    def __init__(self, surrogate, config: Editor, mesh=None):
+        from tdae_jax.parallel import mesh as mesh_lib
+
+        self.config = config.resolve(surrogate)
+        self.plan = plan_for(self.config, surrogate)  # validates the scheduler options now, not at trace time
+        self.mesh = mesh
+        self.surrogate = surrogate if mesh is None else mesh_lib.replicate(surrogate, mesh)
+        self._fn = editor_module(self.config.kind).edit_jit
+
+    def __call__(self, images, emb, uncond_emb, keys, mask=None, noise=None):
+        images = jnp.asarray(images, jnp.float32)
+        emb = jnp.asarray(emb)
+        uncond_emb = broadcast_uncond(uncond_emb, emb)
+        keys = keys if isinstance(keys, jax.Array) else jnp.asarray(keys)
+        if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
+            keys = jax.random.key_data(keys)
+        if self.mesh is None:
+            return self._fn(self.surrogate, images, emb, uncond_emb, keys, self.config, mask, noise)
+        return self._sharded(images, emb, uncond_emb, keys, mask, noise)
+
+    def _sharded(self, images, emb, uncond_emb, keys, mask, noise):
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        from tdae_jax.parallel import mesh as mesh_lib
+
+        n = images.shape[0]
+        size = mesh_lib.padded_size(n, self.mesh)
+        ax = self.mesh.axis_names[0]
+
+        def place(a, axis=0):
+            a = jnp.asarray(a)
+            if size > n:
+                idx = jnp.minimum(jnp.arange(size), n - 1)
+                a = jnp.take(a, idx, axis=axis)
+            spec = P(*([None] * axis + [ax]))
+            return jax.device_put(a, NamedSharding(self.mesh, spec))
+
+        noise = None if noise is None else {k: place(v, 1 if k == "steps" else 0) for k, v in noise.items()
+                                            if v is not None}
+        out = self._fn(self.surrogate, place(images), place(emb), place(uncond_emb), place(keys), self.config,
+                       None if mask is None else place(mask), noise)
+        return out[:n]
+
+    def from_prompts(self, images, prompts: Sequence[str], keys, negative_prompts: str | Sequence[str] = "",
+                     mask=None, noise=None):
+        """Convenience: embed ``prompts`` (and the negative prompts, ``""`` as diffusers) with the surrogate's
+        own tokenizer and text encoder, then edit."""
+        emb, uncond = embed_prompts(self.surrogate, prompts, negative_prompts)
+        return self(images, emb, uncond, keys, mask=mask, noise=noise)
+
+
+_embed_ids = jax.jit(lambda s, ids: s.embed_ids(ids))
+
+
+def embed_prompts(surrogate, prompts: Sequence[str], negative_prompts: str | Sequence[str] = ""):
+    """``(emb [B,T,D], uncond_emb [B,T,D])`` for prompt strings (negative prompt default ``""``)."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    neg = [negative_prompts] * len(prompts) if isinstance(negative_prompts, str) else list(negative_prompts)
+    if len(neg) != len(prompts):
+        raise ValueError(f"{len(neg)} negative prompts for {len(prompts)} prompts")
+    ids = surrogate.tokenize(prompts + neg)
+    e = _embed_ids(surrogate, ids)
+    return e[: len(prompts)], e[len(prompts):]
+
+
+def make_editor(kind: str, surrogate, mesh=None, **cfg) -> EditFn:
+    """Registry entry point: ``make_editor("img2img", sd, strength=0.6, scheduler="ddim")``."""
+    return EditFn(surrogate, Editor(kind=kind, **cfg), mesh=mesh)
+
+
+def edit_prompts(edit_fn: EditFn, images, prompts, keys, negative_prompts="", mask=None, noise=None):
+    return edit_fn.from_prompts(images, prompts, keys, negative_prompts, mask=mask, noise=noise)
+
+
+__all__ = ["ALIASES", "Editor", "EditFn", "KINDS", "PIPELINE_DEFAULTS", "edit_prompts", "editor_module",
+           "embed_prompts", "make_editor", "plan_for", "schedulers"]

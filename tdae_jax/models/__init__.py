@@ -1,0 +1,43 @@
+"""Model layer: the only package that imports diffusers / transformers.
+
+``load(family, weights_dir)`` builds a :class:`Surrogate` from a local diffusers-format directory,
+``tiny(family)`` a tiny random one for tests. Family modules are imported lazily, so importing
+``tdae_jax.models`` (or the Surrogate type) stays cheap.
+"""
+from __future__ import annotations
+
+import importlib
+
+from tdae_jax.models.surrogate import IN_CHANNELS, Static, Surrogate
+
+FAMILIES = {"sd": "tdae_jax.models.sd", "ip2p": "tdae_jax.models.ip2p", "inpaint": "tdae_jax.models.inpaint"}
+
+
+def family_module(family: str):
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; known: {sorted(FAMILIES)}")
+    return importlib.import_module(FAMILIES[family])
+
+
+def load(family: str, weights_dir, dtype=None) -> Surrogate:
+    """Surrogate of ``family`` from a local diffusers-format directory (safetensors or Flax msgpack)."""
+    import jax.numpy as jnp
+
+    return family_module(family).create(weights_dir, dtype=jnp.float32 if dtype is None else dtype)
+
+
+def tiny(family: str, seed: int = 0) -> Surrogate:
+    """Tiny random surrogate of ``family`` (seeded) for tests."""
+    return family_module(family).tiny(seed)
+
+
+def save(surrogate: Surrogate, out_dir, dtype=None):
+    """Write ``surrogate`` as a diffusers-layout directory (see :func:`weights.save_diffusers`)."""
+    import numpy as np
+
+    from tdae_jax.models.weights import save_diffusers
+
+    return save_diffusers(surrogate, out_dir, np.float32 if dtype is None else dtype)
+
+
+__all__ = ["FAMILIES", "IN_CHANNELS", "Static", "Surrogate", "family_module", "load", "save", "tiny"]

@@ -92,9 +92,10 @@ class Surrogate:
 
     def decode(self, z: jax.Array) -> jax.Array:
         """Images ``[B,H,W,3]`` in [0,1] (not clipped, so gradients pass) from scaled latents ``[B,C,h,w]``."""
-        out = self.static.vae.apply(
-            {"params": self.params["vae"]}, z / self.static.scaling_factor, method=self.static.vae.decode
-        ).sample
+        # NHWC in: FlaxAutoencoderKL.decode only transposes NCHW input when shape[-1] != latent_channels,
+        # so an NCHW latent whose width equals the channel count (e.g. [B,4,h,4]) would be misread.
+        z = jnp.transpose(z / self.static.scaling_factor, (0, 2, 3, 1))
+        out = self.static.vae.apply({"params": self.params["vae"]}, z, method=self.static.vae.decode).sample
         return jnp.transpose(out, (0, 2, 3, 1)) * 0.5 + 0.5
 
     # ------------------------------------------------------------------ diffusion

@@ -1,0 +1,123 @@
+"""absl flags shared by the experiment entry points, and their conversion to frozen configs.
+
+Only ``experiments/`` imports absl (DESIGN.md). Defaults are the TDAE spec §9 project defaults; each
+flagfile in ``experiments/flags/`` repeats the values it relies on with their provenance.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+
+
+_DEFINED: set[str] = set()
+
+
+def _track(fn):
+    def define(name, *a, **k):
+        _DEFINED.add(name)
+        return fn(name, *a, **k)
+
+    return define
+
+
+def define_protect_flags():
+    DEFINE_string, DEFINE_enum, DEFINE_float = (_track(flags.DEFINE_string), _track(flags.DEFINE_enum),
+                                                _track(flags.DEFINE_float))
+    DEFINE_integer, DEFINE_bool = _track(flags.DEFINE_integer), _track(flags.DEFINE_bool)
+    DEFINE_string("images", "", "Folder (non-recursive) or glob of input images. Empty = the shipped samples.")
+    DEFINE_string("prompts", "", "Optional CSV or JSONL with id,image,instruction[,caption,edited_prompt].")
+    DEFINE_string("workdir", "runs/default", "Output folder (never an input folder).")
+    DEFINE_string("weights_dir", "", "Local diffusers-format model directory; empty = built-in default.")
+    DEFINE_enum("surrogate", "ip2p", ["sd", "ip2p", "inpaint", "sd3"], "Surrogate editor family.")
+    DEFINE_string("objective", "pge", "Host objective: pge, pge_untargeted, pgd, advdm, eps_discrepancy, "
+                        "tdae_v1, sds, mist, ace, sa.")
+    DEFINE_enum("defense", "none", ["none", "fdm", "dpd", "tdae", "tpa"],
+                      "none = host alone; fdm = host + FDM; tdae = host + FDM + DPD; tpa = host + TPA.")
+    DEFINE_float("eps", 0.03, "L_inf budget as a fraction of the [0,1] range (TDAE §9: 0.03).")
+    DEFINE_float("step_size", 0.005, "PGD step alpha in [0,1] units (TDAE §9: 0.005).")
+    DEFINE_integer("steps", 100, "PGD iterations N (TDAE §9: 100).")
+    DEFINE_enum("step_decay", "none", ["none", "linear"], "linear = PhotoGuard's schedule.")
+    DEFINE_float("random_start", 0.0, "Random start U(-r eps, r eps); 0 = none (Algorithm 1).")
+    DEFINE_integer("batch_size", 1, "Images per step (rounded up to a multiple of the device count).")
+    DEFINE_integer("seed", 0, "Base PRNG seed; keys are derived per image id and iteration.")
+    DEFINE_integer("size", 256, "Working resolution (multiple of 8); ignored with --resize=none.")
+    DEFINE_enum("resize", "center_crop", ["none", "center_crop", "resize", "pad"],
+                      "How inputs map to the working resolution; outputs are always at the original resolution.")
+    DEFINE_integer("num_devices", 0, "Devices in the data mesh; 0 = all.")
+    DEFINE_integer("ckpt_every", 0, "Orbax checkpoint every k iterations (0 = off).")
+    DEFINE_bool("retry_failed", False, "On resume, retry inputs that failed before.")
+    DEFINE_bool("report", True, "Write report.html.")
+    DEFINE_integer("log_every", 10, "Progress line every k iterations.")
+    DEFINE_string("default_prompt", "make it a watercolor painting",
+                        "Edit instruction / caption used for images without a prompts row.")
+    # objective knobs
+    DEFINE_integer("timesteps", 10, "K (t, eps) draws per gradient (TDAE §9: 10).")
+    DEFINE_integer("denoise_steps", 4, "PhotoGuard diffusion attack: denoising steps K (PhotoGuard: 4).")
+    DEFINE_float("guidance_scale", 7.5, "CFG scale inside differentiable edits.")
+    DEFINE_float("image_guidance_scale", 1.5, "InstructPix2Pix image guidance.")
+    DEFINE_float("mist_weight", 1e4, "Mist semantic weight (mist_v3.py: 1e4).")
+    DEFINE_string("target", "zero", "Targeted objectives: zero | gray | black.")
+    DEFINE_bool("remat", True, "jax.checkpoint the per-timestep UNet calls.")
+    # FDM / TPA / DPD
+    DEFINE_enum("fdm_mode", "finite_difference", ["finite_difference", "exact", "exact_gog"],
+                      "FDM gradient: paper Eq. 6-9, forward-over-reverse HVP, or grad-of-grad.")
+    DEFINE_float("fdm_beta", 0.3, "lambda/h (TDAE §IV-E: 0.3).")
+    DEFINE_float("fdm_h", 0.05, "FDM L2 probe radius h (TDAE v1: 0.05).")
+    DEFINE_integer("tpa_n", 10, "TPA neighbours N (TPA: 10).")
+    DEFINE_float("tpa_b", -1.0, "TPA neighbourhood half-width b; <0 = eps (TDAE spec §5).")
+    DEFINE_float("tpa_k", 0.05, "TPA finite-difference step k (= h).")
+    DEFINE_float("tpa_beta", 0.3, "TPA lambda/k.")
+    DEFINE_integer("dpd_period", 10, "DPD period S (project default 10).")
+    DEFINE_integer("dpd_steps", 20, "DPD inner steps M (TDAE v1: 20).")
+    DEFINE_float("dpd_step_size", 2.0 / 255.0, "DPD text step eta (TDAE v1: 2/255).")
+    DEFINE_float("dpd_eps", 8.0 / 255.0, "DPD L_inf text budget eps_p (TDAE v1: 8/255).")
+
+
+def run_config_from_flags(F):
+    from tdae_jax import configs
+    from tdae_jax.data import io as dio
+    from tdae_jax.pipeline import RunConfig
+
+    images = F.images or str(dio.sample_dir())
+    return RunConfig(
+        images=images, workdir=F.workdir, prompts=F.prompts, weights_dir=F.weights_dir, surrogate=F.surrogate,
+        defense=F.defense,
+        objective=configs.Objective(name=F.objective, timesteps=F.timesteps, denoise_steps=F.denoise_steps,
+                                    guidance_scale=F.guidance_scale, image_guidance_scale=F.image_guidance_scale,
+                                    mist_weight=F.mist_weight, target=F.target, remat=F.remat),
+        budget=configs.Budget(eps=F.eps),
+        pgd=configs.PGD(step_size=F.step_size, steps=F.steps, step_decay=F.step_decay, random_start=F.random_start),
+        fdm=configs.FDM(mode=F.fdm_mode, beta=F.fdm_beta, h=F.fdm_h),
+        tpa=configs.TPA(n=F.tpa_n, b=None if F.tpa_b < 0 else F.tpa_b, k=F.tpa_k, beta=F.tpa_beta),
+        dpd=configs.DPD(period=F.dpd_period, steps=F.dpd_steps, step_size=F.dpd_step_size, eps=F.dpd_eps),
+        batch_size=F.batch_size, seed=F.seed, size=None if F.resize == "none" else F.size, resize=F.resize,
+        num_devices=F.num_devices or None, ckpt_every=F.ckpt_every, retry_failed=F.retry_failed, report=F.report,
+        log_every=F.log_every, default_prompt=F.default_prompt,
+    )
+
+
+def write_flagfile(F, path: Path):
+    """The resolved flags (every flag of the main module's groups), so a run can be repeated exactly."""
+    from tdae_jax.data import io as dio
+
+    lines = [F[name].serialize() for name in sorted(_DEFINED) if name in F]
+    dio.atomic_write_bytes(path, ("\n".join(line for line in lines if line) + "\n").encode())
+
+
+def run_main(main):
+    """absl app.run with logging to stderr at INFO, and the exit code main returns."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    def _main(argv):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+        for noisy in ("absl", "jax", "orbax", "etils"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        sys.exit(main(argv))
+
+    app.run(_main)

@@ -1,0 +1,104 @@
+"""Pieces shared by the host objectives: per-image noise draws and the family-aware UNet call.
+
+An objective is ``loss_fn(delta, batch, emb, keys) -> [B]``, the per-image value to **minimize**
+over the image perturbation (DESIGN.md convention 2). TDAE's maximized disruption loss L enters as
+``O = -L`` (spec TDAE.md §3). All randomness comes from ``keys: [B]`` (one typed key per image), so
+two evaluations at different deltas within one FDM iteration share xi (spec §6.3).
+
+``batch`` keys used here: ``x0 [B,H,W,3]`` (clean image), ``uncond [B,T,D]`` (empty-prompt
+embedding, for classifier-free guidance), ``mask [B,H,W,1]`` (inpainting, 1 = region to fill),
+``token_mask [B,T]`` (tokens whose attention SA suppresses).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from tdae_jax.models.surrogate import Surrogate
+
+
+def draw_timesteps(keys: jax.Array, k: int, num_train_timesteps: int, low: int = 0, high: int | None = None):
+    """``[B, k] int32`` timesteps, uniform in [low, high) (default the whole schedule), one stream per image."""
+    high = num_train_timesteps if high is None else high
+    return jax.vmap(lambda kk: jax.random.randint(jax.random.fold_in(kk, 1), (k,), low, high))(keys)
+
+
+def draw_noise(keys: jax.Array, k: int, shape: tuple[int, ...], stream: int = 2) -> jax.Array:
+    """``[k, B, *shape]`` standard normal noise, per image (independent of the batch layout)."""
+    per_image = jax.vmap(lambda kk: jax.random.normal(jax.random.fold_in(kk, stream), (k,) + shape))(keys)
+    return jnp.swapaxes(per_image, 0, 1)
+
+
+def posterior_sample_keys(keys: jax.Array) -> jax.Array:
+    return jax.vmap(lambda kk: jax.random.fold_in(kk, 3))(keys)
+
+
+def encode_sample(sur: Surrogate, x: jax.Array, keys: jax.Array) -> jax.Array:
+    """Scaled latents with per-image posterior noise (``latent_dist.sample()``)."""
+    mean, std = sur._moments(x)
+    noise = jax.vmap(lambda kk, m: jax.random.normal(kk, m.shape, m.dtype))(posterior_sample_keys(keys), mean)
+    return (mean + std * noise) * sur.static.scaling_factor
+
+
+def conditioning(sur: Surrogate, x: jax.Array, batch: dict) -> dict:
+    """Family-specific UNet conditioning computed from the (perturbed) image ``x``.
+
+    ip2p: ``image_latents = E_mode(x)`` (unscaled, as the pipeline does); inpaint: the mask at latent
+    resolution and the scaled latents of the masked image ``x * (1 - mask)``.
+    """
+    fam = sur.family
+    if fam == "sd":
+        return {}
+    if fam == "ip2p":
+        return {"image_latents": sur.encode_mode(x)}
+    if fam == "inpaint":
+        mask = inpaint_mask(batch, x)
+        masked = sur.encode(x * (1.0 - mask))
+        h, w = masked.shape[-2:]
+        m = jax.image.resize(jnp.transpose(mask, (0, 3, 1, 2)), (x.shape[0], 1, h, w), "nearest")
+        return {"mask": m, "masked_latents": masked}
+    raise ValueError(f"unknown family {fam!r}")
+
+
+def inpaint_mask(batch: dict, x: jax.Array) -> jax.Array:
+    """``[B,H,W,1]`` inpainting mask; default: the centre half of the image (project default)."""
+    if "mask" in batch:
+        return batch["mask"]
+    b, h, w, _ = x.shape
+    yy = (jnp.arange(h) >= h // 4) & (jnp.arange(h) < 3 * h // 4)
+    xx = (jnp.arange(w) >= w // 4) & (jnp.arange(w) < 3 * w // 4)
+    m = (yy[:, None] & xx[None, :]).astype(x.dtype)
+    return jnp.broadcast_to(m[None, :, :, None], (b, h, w, 1))
+
+
+def guided_eps(sur: Surrogate, z_t, t, emb, uncond, cond: dict, guidance_scale: float,
+               image_guidance_scale: float = 1.5) -> jax.Array:
+    """Classifier-free guided epsilon, as the diffusers pipelines compute it.
+
+    sd / inpaint: eps_u + s (eps_c - eps_u). ip2p (three branches: text+image, image only, none):
+    eps_u + s_T (eps_ti - eps_i) + s_I (eps_i - eps_u), with the null image latents = 0.
+    """
+    if guidance_scale <= 1.0 or uncond is None:
+        return sur.eps(z_t, t, emb, **cond)
+    if sur.family == "ip2p":
+        img = cond["image_latents"]
+        e_ti = sur.eps(z_t, t, emb, image_latents=img)
+        e_i = sur.eps(z_t, t, uncond, image_latents=img)
+        e_u = sur.eps(z_t, t, uncond, image_latents=jnp.zeros_like(img))
+        return e_u + guidance_scale * (e_ti - e_i) + image_guidance_scale * (e_i - e_u)
+    e_c = sur.eps(z_t, t, emb, **cond)
+    e_u = sur.eps(z_t, t, uncond, **cond)
+    return e_u + guidance_scale * (e_c - e_u)
+
+
+def per_image_mean(a: jax.Array) -> jax.Array:
+    return a.reshape(a.shape[0], -1).mean(axis=1)
+
+
+def per_image_sum(a: jax.Array) -> jax.Array:
+    return a.reshape(a.shape[0], -1).sum(axis=1)
+
+
+def safe_l2(a: jax.Array, tiny: float = 1e-12) -> jax.Array:
+    """Per-image L2 norm with a finite gradient at 0."""
+    return jnp.sqrt(per_image_sum(a * a) + tiny * tiny)

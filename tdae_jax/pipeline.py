@@ -1,0 +1,307 @@
+"""Protect a folder of images: the library side of ``python -m experiments.tdae``.
+
+Data flow (DESIGN.md): list + validate inputs -> manifest (resumable) -> surrogate -> objective ->
+defense step (compiled once, sharded) -> budget-exact PNGs -> metrics.jsonl/csv -> report.html.
+
+Failure policy: an input that cannot be read or optimised is marked ``failed`` with a message naming
+the file and the problem; the others are still processed; the caller turns ``RunResult.failed`` into
+exit code 1. A problem with the run itself (flags, weights, no inputs, workdir inside an input
+folder) raises ``UsageError`` before anything is written (exit code 2). Originals are only read.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tdae_jax import checkpoint, configs, objectives, prng
+from tdae_jax.data import io as dio
+from tdae_jax.data.manifest import Manifest, find_prompt
+from tdae_jax.defenses import tdae as tdae_defense
+from tdae_jax.metrics import image as image_metrics
+from tdae_jax.metrics import report
+from tdae_jax.parallel import mesh as meshlib
+from tdae_jax.protect import Protector
+
+log = logging.getLogger("tdae_jax")
+
+DEFENSES = ("none", "fdm", "dpd", "tdae", "tpa")
+
+
+class UsageError(ValueError):
+    """The run cannot start (bad flags, weights, inputs or workdir): exit code 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    images: str
+    workdir: str
+    prompts: str = ""
+    weights_dir: str = ""
+    surrogate: str = "ip2p"
+    defense: str = "none"
+    objective: configs.Objective = configs.Objective()
+    budget: configs.Budget = configs.Budget()
+    pgd: configs.PGD = configs.PGD()
+    fdm: configs.FDM = configs.FDM()
+    tpa: configs.TPA = configs.TPA()
+    dpd: configs.DPD = configs.DPD()
+    batch_size: int = 1
+    seed: int = 0
+    size: int | None = 256
+    resize: str = "center_crop"
+    num_devices: int | None = None
+    ckpt_every: int = 0
+    default_prompt: str = "make it a watercolor painting"
+    retry_failed: bool = False
+    report: bool = True
+    log_every: int = 10
+
+    def defense_configs(self):
+        """(fdm, tpa, dpd) as selected by ``defense`` (the flags' fdm_mode etc. fill in the details)."""
+        d = self.defense
+        if d not in DEFENSES:
+            raise UsageError(f"--defense must be one of {', '.join(DEFENSES)}, got {d!r}")
+        fdm = self.fdm if d in ("fdm", "tdae") else dataclasses.replace(self.fdm, mode="off")
+        if d in ("fdm", "tdae") and fdm.mode == "off":
+            fdm = dataclasses.replace(fdm, mode="finite_difference")
+        tpa = dataclasses.replace(self.tpa, enabled=(d == "tpa"))
+        dpd = dataclasses.replace(self.dpd, enabled=(d in ("dpd", "tdae")))
+        return fdm, tpa, dpd
+
+
+@dataclasses.dataclass
+class RunResult:
+    done: list[str]
+    failed: list[str]
+    skipped: list[str]
+    rows: list[dict]
+
+
+def git_revision() -> str:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except Exception:  # noqa: BLE001 - not a git checkout (installed package)
+        return "unknown"
+
+
+def load_surrogate(cfg: RunConfig):
+    from tdae_jax import models
+
+    try:
+        if not cfg.weights_dir:
+            log.warning("no --weights_dir: using the built-in tiny random %s surrogate (plumbing only: its "
+                        "protection is not meaningful)", cfg.surrogate)
+            return models.tiny(cfg.surrogate, seed=0)
+        return models.load(cfg.surrogate, cfg.weights_dir)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load surrogate {cfg.surrogate!r} from {cfg.weights_dir or '<built-in>'}: {e}") from e
+
+
+def _prompt_for(entry: dict | None, family: str, default: str) -> str:
+    if not entry:
+        return default
+    if family == "ip2p":
+        return entry.get("instruction") or entry.get("caption") or default
+    return entry.get("edited_prompt") or entry.get("caption") or entry.get("instruction") or default
+
+
+def run(cfg: RunConfig, progress: Callable[[str], None] = log.info) -> RunResult:
+    workdir = Path(cfg.workdir)
+    try:
+        paths = dio.list_images(cfg.images)
+    except (dio.DataError, OSError) as e:
+        raise UsageError(str(e)) from e
+    try:
+        dio.check_output_dir(workdir, sorted({p.parent for p in paths}))
+    except dio.DataError as e:
+        raise UsageError(str(e)) from e
+    prompts, prompt_problems = {}, []
+    if cfg.prompts:
+        try:
+            prompts, prompt_problems = dio.load_prompts(cfg.prompts, image_paths=paths)
+        except (dio.DataError, OSError) as e:
+            raise UsageError(str(e)) from e
+    fdm, tpa, dpd = cfg.defense_configs()
+    sur = load_surrogate(cfg)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "protected").mkdir(exist_ok=True)
+    (workdir / "git_revision.txt").write_text(git_revision() + "\n")
+    manifest = Manifest(workdir / "manifest.json")
+    entries = manifest.sync(paths)
+    for problem in prompt_problems:
+        log.warning("prompts: %s", problem)
+
+    loss_fn = objectives.make_objective(cfg.objective.name, sur, cfg.objective)
+    pgd_cfg = cfg.pgd
+    if objectives.needs_random_start(cfg.objective.name) and pgd_cfg.random_start == 0:
+        pgd_cfg = dataclasses.replace(pgd_cfg, random_start=0.25)
+        log.info("objective %s has a zero gradient at delta=0: random start U(-eps/4, eps/4)", cfg.objective.name)
+    init_fn, step_fn = tdae_defense.make_step(loss_fn, budget=cfg.budget, pgd=pgd_cfg, fdm=fdm, tpa=tpa, dpd=dpd)
+    mesh = meshlib.make_mesh(cfg.num_devices)
+    protector = Protector(init_fn, step_fn, mesh, cfg.batch_size)
+    base = prng.base_key(cfg.seed)
+    uses_text = objectives.uses_text(cfg.objective.name)
+    embed = jax.jit(sur.embed_ids) if uses_text else None
+    fp_cfg = {"cfg": dataclasses.asdict(cfg), "rev": "n/a"}
+
+    todo = [e for e in entries if e["status"] != "done" and (cfg.retry_failed or e["status"] != "failed")]
+    skipped = [e["id"] for e in entries if e not in todo]
+    if skipped:
+        progress(f"resuming: {len(skipped)} of {len(entries)} inputs already done or failed (not retried)")
+    loaded, curves = {}, {}
+    for e in todo:
+        try:
+            li = dio.load_image(e["source"], size=cfg.size, resize=cfg.resize, image_id=e["id"])
+            for w in li.warnings:
+                log.warning("%s: %s", e["source"], w)
+            if e["source"] in prompt_problems_paths(prompt_problems):
+                raise dio.DataError(f"{e['source']}: {prompt_problems_paths(prompt_problems)[e['source']]}")
+            loaded[e["id"]] = li
+        except (dio.DataError, OSError) as err:
+            manifest.mark(e["id"], "failed", error=str(err))
+            log.error("%s", err)
+
+    groups: dict[tuple, list[str]] = {}
+    for i, li in loaded.items():
+        groups.setdefault(li.array.shape, []).append(i)
+    work = [ids[j:j + protector.batch_size] for ids in groups.values() for j in range(0, len(ids), protector.batch_size)]
+    total_iters = max(1, len(work) * cfg.pgd.steps)
+    t_run = time.perf_counter()
+    clock: dict = {}
+    for bi, ids in enumerate(work):
+        t0 = time.perf_counter()
+        batch = {"x0": np.stack([loaded[i].array for i in ids]), "uid": prng.uids(ids)}
+        if uses_text:
+            texts = [_prompt_for(find_prompt(prompts, i, loaded[i].path), sur.family, cfg.default_prompt)
+                     for i in ids]
+            token_ids = sur.tokenize(texts)
+            batch["emb"] = np.asarray(embed(token_ids))
+            batch["uncond"] = np.asarray(embed(sur.tokenize([""] * len(ids))))
+            batch["token_mask"] = objectives.semantic_attention.content_token_mask(token_ids, sur.static.tokenizer)
+        unit = checkpoint.fingerprint(ids)
+        ckpt = checkpoint.UnitCheckpointer(workdir / "ckpt" / unit, cfg.ckpt_every) if cfg.ckpt_every else None
+        meta = {"fingerprint": checkpoint.fingerprint({**fp_cfg, "ids": ids}), "ids": ids}
+
+        def on_iter(it, info, bi=bi):
+            # ETA from the steady-state rate (the first iteration of a run includes compilation)
+            now = time.perf_counter()
+            clock.setdefault("first", (now, bi * cfg.pgd.steps + it))
+            if it == 1 or it % cfg.log_every == 0 or it == cfg.pgd.steps:
+                done_iters = bi * cfg.pgd.steps + it
+                t1, n1 = clock["first"]
+                rate = (now - t1) / max(done_iters - n1, 1) if done_iters > n1 else float("nan")
+                eta = rate * (total_iters - done_iters)
+                eta_s = f"ETA {eta:.0f}s" if eta == eta else "ETA (compiling)"
+                progress(f"batch {bi + 1}/{len(work)} ({len(ids)} img) iter {it}/{cfg.pgd.steps} "
+                         f"loss={np.mean(info['loss']):.5g} elapsed {now - t_run:.0f}s {eta_s}")
+
+        for i in ids:
+            manifest.mark(i, "running")
+        try:
+            delta, hist, resumed = protector.run(batch, len(ids), cfg.pgd.steps, base, ckpt=ckpt, meta=meta,
+                                                 on_iter=on_iter)
+            if resumed:
+                progress(f"batch {bi + 1}: resumed from checkpoint at iteration {resumed}")
+        except Exception as err:  # noqa: BLE001 - one failing batch must not stop the run
+            for i in ids:
+                manifest.mark(i, "failed", error=f"optimisation failed: {type(err).__name__}: {err}")
+            log.exception("batch %d failed", bi + 1)
+            continue
+        secs = (time.perf_counter() - t0) / len(ids)
+        for j, i in enumerate(ids):
+            _finish(cfg, manifest, workdir, loaded[i], delta[j], {k: v[j] for k, v in hist.items()}, secs, curves)
+        if ckpt is not None:
+            ckpt.close(remove=True)
+
+    rows = [_row(e) for e in manifest.entries()]
+    report.write_metrics(workdir, rows)
+    _write_flags_summary(workdir, cfg)
+    if cfg.report:
+        _write_report(cfg, workdir, manifest, curves)
+    st = [e["status"] for e in manifest.entries()]
+    return RunResult(done=[e["id"] for e in manifest.entries() if e["status"] == "done"],
+                     failed=[e["id"] for e in manifest.entries() if e["status"] == "failed"],
+                     skipped=skipped, rows=rows) if st else RunResult([], [], [], [])
+
+
+def prompt_problems_paths(problems) -> dict:
+    """Map ``source path -> message`` for prompt rows that name an image but are unusable."""
+    out = {}
+    for p in problems:
+        src = getattr(p, "path", None) or (p.get("path") if isinstance(p, dict) else None)
+        if src:
+            out[str(src)] = getattr(p, "message", None) or (p.get("message") if isinstance(p, dict) else str(p))
+    return out
+
+
+def _finish(cfg, manifest, workdir, li, delta, hist, secs, curves):
+    prot = dio.protect_loaded(li, delta, cfg.budget.eps)
+    out = dio.save_png_atomic(workdir / "protected" / f"{li.id}.png", prot, forbidden_dirs=[li.path.parent],
+                              icc_profile=li.icc_profile)
+    back = dio.read_back_uint8(out)
+    a = jnp.asarray(back[None], jnp.float32) / 255.0
+    b = jnp.asarray(li.original_uint8[None], jnp.float32) / 255.0
+    loss_curve = [float(v) for v in hist.get("loss", [])]
+    final = loss_curve[-1] if loss_curve else float("nan")
+    metrics = {
+        "linf_255": int(dio.linf_uint8(back, li.original_uint8)),
+        "psnr": float(image_metrics.psnr(a, b)[0]),
+        "ssim": float(image_metrics.ssim(a, b)[0]),
+        "final_loss": final,
+        "initial_loss": loss_curve[0] if loss_curve else float("nan"),
+        "seconds": round(secs, 3),
+    }
+    if not np.isfinite(final):
+        manifest.mark(li.id, "failed", error=f"{li.path}: the loss became non-finite", metrics=metrics)
+        return
+    manifest.mark(li.id, "done", outputs={"protected": str(out.relative_to(workdir))}, metrics=metrics)
+    curves[li.id] = loss_curve
+    (workdir / "curves").mkdir(exist_ok=True)
+    dio.atomic_write_bytes(workdir / "curves" / f"{li.id}.json", json.dumps({k: [float(x) for x in v]
+                                                                              for k, v in hist.items()}).encode())
+
+
+def _row(e: dict) -> dict:
+    m = e.get("metrics") or {}
+    return {"id": e["id"], "source": e["source"], "status": e["status"], **{k: m.get(k) for k in (
+        "linf_255", "psnr", "ssim", "final_loss", "seconds")}, "initial_loss": m.get("initial_loss"),
+        "error": e.get("error") or ""}
+
+
+def _write_flags_summary(workdir: Path, cfg: RunConfig):
+    dio.atomic_write_bytes(workdir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1, default=str).encode())
+
+
+def _write_report(cfg, workdir, manifest, curves):
+    entries = []
+    for e in manifest.entries():
+        item = {"id": e["id"], "status": e["status"], "error": e.get("error"), "metrics": e.get("metrics") or {}}
+        if e["status"] == "done":
+            try:
+                li = dio.load_image(e["source"], size=None, resize="none", min_side=1)
+                item["original"] = li.original_uint8
+                item["protected"] = dio.read_back_uint8(workdir / e["outputs"]["protected"])
+            except Exception as err:  # noqa: BLE001 - the report must not fail the run
+                item["error"] = f"report: {err}"
+            curve = curves.get(e["id"])
+            if curve is None and (workdir / "curves" / f"{e['id']}.json").exists():
+                curve = json.loads((workdir / "curves" / f"{e['id']}.json").read_text()).get("loss")
+            item["loss_curve"] = curve
+        entries.append(item)
+    fdm, tpa, dpd = cfg.defense_configs()
+    summary = {"surrogate": f"{cfg.surrogate} ({cfg.weights_dir or 'built-in'})", "objective": cfg.objective.name,
+               "defense": cfg.defense, "fdm": fdm.mode, "eps": f"{cfg.budget.eps:.4f} ({cfg.budget.eps * 255:.2f}/255)",
+               "steps": cfg.pgd.steps, "done": sum(e["status"] == "done" for e in manifest.entries()),
+               "failed": sum(e["status"] == "failed" for e in manifest.entries())}
+    report.write_html(workdir, "tdae_jax protection report", entries, cfg.budget.eps, summary)

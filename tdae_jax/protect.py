@@ -1,0 +1,108 @@
+"""Runs a defense's pure step over a batch: compiled once, sharded over the mesh, checkpointed.
+
+``Protector`` binds a step function (``defenses.tdae.make_step``) to a mesh: the batch axis of every
+array is split over ``"data"``, the surrogate params (closed over by the objective) are replicated,
+the state is donated. Batches are always padded to ``batch_size`` rows (a multiple of the device
+count), so the step traces once for the whole run; padding rows never reach an output.
+
+``run(batch, steps)`` loops the compiled step, records per-image loss curves, saves an orbax checkpoint
+every ``ckpt_every`` iterations and resumes from the latest one (checkpoint.py).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from tdae_jax import checkpoint
+from tdae_jax.parallel import mesh as meshlib
+
+
+def state_shardings(state: Any, batch_rows: int, mesh: Mesh) -> Any:
+    """Batch-leading arrays sharded over ``data``, everything else (counters, scalars) replicated."""
+    b, r = meshlib.batch_sharding(mesh), meshlib.replicated(mesh)
+    return jax.tree.map(lambda a: b if getattr(a, "ndim", 0) >= 1 and a.shape[0] == batch_rows else r, state)
+
+
+class Protector:
+    def __init__(self, init_fn: Callable, step_fn: Callable, mesh: Mesh, batch_size: int):
+        d = mesh.devices.size
+        self.batch_size = max(d, -(-batch_size // d) * d)
+        self.mesh = mesh
+        self._init_fn = init_fn
+        self._step_fn = step_fn
+        self._step = None
+        self._init = None
+
+    def _compile(self, batch: dict, base_key):
+        if self._step is not None:
+            return
+        data_sh = meshlib.batch_sharding(self.mesh)
+        repl = meshlib.replicated(self.mesh)
+        batch_sh = jax.tree.map(lambda _: data_sh, batch)
+        abstract = jax.eval_shape(self._init_fn, batch, base_key)
+        self.state_sh = state_shardings(abstract, self.batch_size, self.mesh)
+        self._init = jax.jit(self._init_fn, in_shardings=(batch_sh, repl), out_shardings=self.state_sh)
+        metrics_abs = jax.eval_shape(self._step_fn, abstract, batch, base_key)[1]
+        metrics_sh = jax.tree.map(lambda _: data_sh, metrics_abs)
+        self._step = jax.jit(
+            self._step_fn,
+            in_shardings=(self.state_sh, batch_sh, repl),
+            out_shardings=(self.state_sh, metrics_sh),
+            donate_argnums=0,
+        )
+        self.abstract_state = abstract
+
+    def pad(self, batch: dict, n: int) -> tuple[dict, np.ndarray]:
+        return meshlib.pad_batch(batch, n, self.batch_size)
+
+    def run(
+        self,
+        batch: dict,
+        n_valid: int,
+        steps: int,
+        base_key: jax.Array,
+        *,
+        ckpt: checkpoint.UnitCheckpointer | None = None,
+        meta: dict | None = None,
+        on_iter: Callable[[int, dict], None] | None = None,
+    ):
+        """Optimise one (unpadded) batch for ``steps`` iterations.
+
+        Returns ``(delta [n,H,W,3] np.float32, history: dict name -> [n, steps] np.float32, resumed_from)``.
+        """
+        padded, _ = self.pad(batch, n_valid)
+        padded = {k: jnp.asarray(v) for k, v in padded.items()}
+        self._compile(padded, base_key)
+        padded = meshlib.shard_batch(padded, self.mesh)
+        meta = dict(meta or {})
+        history: dict[str, list] = {}
+        start, resumed_from = 0, None
+        state = None
+        if ckpt is not None and ckpt.enabled:
+            abstract = checkpoint.abstract_like(self.abstract_state, self.state_sh)
+            restored = ckpt.restore(abstract, expect_meta=meta)
+            if restored is not None:
+                start, state, saved = restored
+                history = {k: list(v) for k, v in saved.get("history", {}).items()}
+                resumed_from = start
+        if state is None:
+            state = self._init(padded, base_key)
+        t0 = time.perf_counter()
+        for i in range(start, steps):
+            state, m = self._step(state, padded, base_key)
+            host = jax.device_get(m)
+            for k, v in host.items():
+                history.setdefault(k, []).append(np.asarray(v)[:n_valid].astype(np.float32).tolist())
+            if on_iter is not None:
+                on_iter(i + 1, {"loss": np.asarray(host["loss"])[:n_valid], "elapsed": time.perf_counter() - t0,
+                                "done_here": i + 1 - start})
+            if ckpt is not None and ckpt.enabled and i + 1 < steps:
+                ckpt.maybe_save(i + 1, state, {**meta, "history": history})
+        delta = np.asarray(jax.device_get(state.delta))[:n_valid]
+        hist = {k: np.asarray(v, np.float32).T.reshape(n_valid, -1) for k, v in history.items()}
+        return delta, hist, resumed_from
