@@ -46,5 +46,16 @@ def main(argv):
     return 1 if result.failed else 0
 
 
+def run_cli(argv: list[str]) -> int:
+    """Parse ``argv`` (``[prog, --flag=value, ...]``) and run in-process; returns the exit code (tests)."""
+    FLAGS.unparse_flags()
+    try:
+        FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return main(argv[:1])
+
+
 if __name__ == "__main__":
     common.run_main(main)

@@ -11,6 +11,7 @@ folder) raises ``UsageError`` before anything is written (exit code 2). Original
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import subprocess
@@ -95,6 +96,13 @@ def git_revision() -> str:
         return "unknown"
 
 
+@functools.lru_cache(maxsize=4)
+def _tiny(family: str):
+    from tdae_jax import models
+
+    return models.tiny(family, seed=0)
+
+
 def load_surrogate(cfg: RunConfig):
     from tdae_jax import models
 
@@ -102,7 +110,7 @@ def load_surrogate(cfg: RunConfig):
         if not cfg.weights_dir:
             log.warning("no --weights_dir: using the built-in tiny random %s surrogate (plumbing only: its "
                         "protection is not meaningful)", cfg.surrogate)
-            return models.tiny(cfg.surrogate, seed=0)
+            return _tiny(cfg.surrogate)
         return models.load(cfg.surrogate, cfg.weights_dir)
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load surrogate {cfg.surrogate!r} from {cfg.weights_dir or '<built-in>'}: {e}") from e
@@ -139,8 +147,13 @@ def run(cfg: RunConfig, progress: Callable[[str], None] = log.info) -> RunResult
     (workdir / "git_revision.txt").write_text(git_revision() + "\n")
     manifest = Manifest(workdir / "manifest.json")
     entries = manifest.sync(paths)
+    bad_prompt = {}  # source path -> problem, for rows that name an existing input but are unusable
     for problem in prompt_problems:
-        log.warning("prompts: %s", problem)
+        log.error("prompts: %s", problem)
+        if problem.path is not None and Path(problem.path).exists():
+            bad_prompt[str(Path(problem.path).resolve())] = str(problem)
+        else:  # the row names no existing image: it is a failed input of its own
+            manifest.add_failure(f"prompt:{problem.key or problem.line}", str(problem), source=problem.file)
 
     loss_fn = objectives.make_objective(cfg.objective.name, sur, cfg.objective)
     pgd_cfg = cfg.pgd
@@ -155,7 +168,8 @@ def run(cfg: RunConfig, progress: Callable[[str], None] = log.info) -> RunResult
     embed = jax.jit(sur.embed_ids) if uses_text else None
     fp_cfg = {"cfg": dataclasses.asdict(cfg), "rev": "n/a"}
 
-    todo = [e for e in entries if e["status"] != "done" and (cfg.retry_failed or e["status"] != "failed")]
+    todo = [e for e in entries if e["status"] != "done" and (cfg.retry_failed or e["status"] != "failed")
+            and not e["id"].startswith("prompt:")]
     skipped = [e["id"] for e in entries if e not in todo]
     if skipped:
         progress(f"resuming: {len(skipped)} of {len(entries)} inputs already done or failed (not retried)")
@@ -165,8 +179,8 @@ def run(cfg: RunConfig, progress: Callable[[str], None] = log.info) -> RunResult
             li = dio.load_image(e["source"], size=cfg.size, resize=cfg.resize, image_id=e["id"])
             for w in li.warnings:
                 log.warning("%s: %s", e["source"], w)
-            if e["source"] in prompt_problems_paths(prompt_problems):
-                raise dio.DataError(f"{e['source']}: {prompt_problems_paths(prompt_problems)[e['source']]}")
+            if e["source"] in bad_prompt:
+                raise dio.DataError(f"{e['source']}: unusable prompt row: {bad_prompt[e['source']]}")
             loaded[e["id"]] = li
         except (dio.DataError, OSError) as err:
             manifest.mark(e["id"], "failed", error=str(err))
@@ -233,16 +247,6 @@ def run(cfg: RunConfig, progress: Callable[[str], None] = log.info) -> RunResult
     return RunResult(done=[e["id"] for e in manifest.entries() if e["status"] == "done"],
                      failed=[e["id"] for e in manifest.entries() if e["status"] == "failed"],
                      skipped=skipped, rows=rows) if st else RunResult([], [], [], [])
-
-
-def prompt_problems_paths(problems) -> dict:
-    """Map ``source path -> message`` for prompt rows that name an image but are unusable."""
-    out = {}
-    for p in problems:
-        src = getattr(p, "path", None) or (p.get("path") if isinstance(p, dict) else None)
-        if src:
-            out[str(src)] = getattr(p, "message", None) or (p.get("message") if isinstance(p, dict) else str(p))
-    return out
 
 
 def _finish(cfg, manifest, workdir, li, delta, hist, secs, curves):

@@ -43,16 +43,14 @@ class Protector:
             return
         data_sh = meshlib.batch_sharding(self.mesh)
         repl = meshlib.replicated(self.mesh)
-        batch_sh = jax.tree.map(lambda _: data_sh, batch)
+        batch_sh = data_sh  # a pytree prefix: every batch leaf is split over "data"
         abstract = jax.eval_shape(self._init_fn, batch, base_key)
         self.state_sh = state_shardings(abstract, self.batch_size, self.mesh)
         self._init = jax.jit(self._init_fn, in_shardings=(batch_sh, repl), out_shardings=self.state_sh)
-        metrics_abs = jax.eval_shape(self._step_fn, abstract, batch, base_key)[1]
-        metrics_sh = jax.tree.map(lambda _: data_sh, metrics_abs)
         self._step = jax.jit(
             self._step_fn,
             in_shardings=(self.state_sh, batch_sh, repl),
-            out_shardings=(self.state_sh, metrics_sh),
+            out_shardings=(self.state_sh, data_sh),  # metrics: per-image [B] arrays
             donate_argnums=0,
         )
         self.abstract_state = abstract

@@ -34,11 +34,18 @@ def make_batch(b=B):
             "emb": 0.1 * jax.random.normal(k3, (b, T, D))}
 
 
+LOSS = make_loss()
+
+
+@functools.lru_cache(maxsize=None)
+def _round_fn(cfg):
+    return jax.jit(functools.partial(dpd.run_round, LOSS, dpd=cfg))  # one compile per config
+
+
 def _round(cfg, batch, delta=None, step=0):
     keys = prng.image_keys(prng.base_key(0), batch["uid"], step)
     d = jnp.zeros_like(batch["x0"]) if delta is None else delta
-    f = jax.jit(functools.partial(dpd.run_round, make_loss(), dpd=cfg))
-    return f(d, batch, batch["emb"], keys), keys
+    return _round_fn(cfg)(d, batch, batch["emb"], keys), keys
 
 
 def test_text_loss_falls_and_eps_p_holds():
@@ -53,7 +60,7 @@ def test_text_loss_falls_and_eps_p_holds():
         k0 = dpd.round_keys(keys)
         if resample:
             k0 = jax.vmap(lambda k: jax.random.fold_in(k, 0))(k0)
-        ref = -make_loss()(jnp.zeros_like(batch["x0"]), batch, batch["emb"], k0)
+        ref = -LOSS(jnp.zeros_like(batch["x0"]), batch, batch["emb"], k0)
         np.testing.assert_allclose(np.asarray(r.loss_before), np.asarray(ref), rtol=1e-6)
 
 
@@ -83,7 +90,7 @@ def test_range_clamp_per_image():
 
 
 def test_rounds_every_s_iterations_and_text_delta_is_kept():
-    loss = make_loss()
+    loss = LOSS
     batch = make_batch()
     s = 3
     cfg = configs.DPD(enabled=True, period=s, steps=4, step_size=2 / 255, eps=8 / 255)

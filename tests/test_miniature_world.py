@@ -210,7 +210,8 @@ def test_ssim_and_psnr():
 def test_subjects_views_differ_but_share_the_look():
     s = world.subjects(SEED, 4, 4, 64)
     assert s["images"].shape == (4, 4, 64, 64, 3) and s["masks"].shape == (4, 4, 64, 64)
-    assert len(set(s["tokens"])) == 4 and s["instance_prompts"][0] == f"a photo of {s['tokens'][0]} {s['class_words'][0]}"
+    assert len(set(s["tokens"])) == 4
+    assert s["instance_prompts"][0] == f"a photo of {s['tokens'][0]} {s['class_words'][0]}"
     looks = [dataclasses.astuple(sub)[1:] for sub in s["subjects"]]
     assert all(sum(x != y for x, y in zip(a, b)) >= 3 for i, a in enumerate(looks) for b in looks[i + 1:])
     for i, sub in enumerate(s["subjects"]):

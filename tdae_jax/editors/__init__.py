@@ -193,6 +193,21 @@ def editor_module(kind: str):
     return importlib.import_module(MODULES[kind])
 
 
+_JITS: dict = {}
+
+
+def jitted(kind: str, compiler_options: Mapping | None = None):
+    """The jit-compiled editor of ``kind`` (``config`` static), one per set of XLA ``compiler_options``
+    (e.g. ``{"xla_backend_optimization_level": 0}`` trades run time for compile time in tests)."""
+    mod = editor_module(kind)
+    if not compiler_options:
+        return mod.edit_jit
+    key = (mod.__name__, tuple(sorted(dict(compiler_options).items())))
+    if key not in _JITS:
+        _JITS[key] = jax.jit(mod.edit, static_argnames=("config",), compiler_options=dict(compiler_options))
+    return _JITS[key]
+
+
 class EditFn:
     """``edit_fn(images, emb, uncond_emb, keys, mask=None, noise=None) -> images`` bound to a surrogate.
 
@@ -200,14 +215,14 @@ class EditFn:
     (params replicated), and the padding is cut from the result. ``config`` is the resolved :class:`Editor`.
     """
 
-    def __init__(self, surrogate, config: Editor, mesh=None):
+    def __init__(self, surrogate, config: Editor, mesh=None, compiler_options: Mapping | None = None):
         from tdae_jax.parallel import mesh as mesh_lib
 
         self.config = config.resolve(surrogate)
         self.plan = plan_for(self.config, surrogate)  # validates the scheduler options now, not at trace time
         self.mesh = mesh
         self.surrogate = surrogate if mesh is None else mesh_lib.replicate(surrogate, mesh)
-        self._fn = editor_module(self.config.kind).edit_jit
+        self._fn = jitted(self.config.kind, compiler_options)
 
     def __call__(self, images, emb, uncond_emb, keys, mask=None, noise=None):
         images = jnp.asarray(images, jnp.float32)
@@ -265,9 +280,10 @@ def embed_prompts(surrogate, prompts: Sequence[str], negative_prompts: str | Seq
     return e[: len(prompts)], e[len(prompts):]
 
 
-def make_editor(kind: str, surrogate, mesh=None, **cfg) -> EditFn:
-    """Registry entry point: ``make_editor("img2img", sd, strength=0.6, scheduler="ddim")``."""
-    return EditFn(surrogate, Editor(kind=kind, **cfg), mesh=mesh)
+def make_editor(kind: str, surrogate, mesh=None, compiler_options: Mapping | None = None, **cfg) -> EditFn:
+    """Registry entry point: ``make_editor("img2img", sd, strength=0.6, scheduler="ddim")``; ``cfg`` are
+    :class:`Editor` fields; ``mesh``: shard the batch over its data axis."""
+    return EditFn(surrogate, Editor(kind=kind, **cfg), mesh=mesh, compiler_options=compiler_options)
 
 
 def edit_prompts(edit_fn: EditFn, images, prompts, keys, negative_prompts="", mask=None, noise=None):
@@ -275,4 +291,4 @@ def edit_prompts(edit_fn: EditFn, images, prompts, keys, negative_prompts="", ma
 
 
 __all__ = ["ALIASES", "Editor", "EditFn", "KINDS", "PIPELINE_DEFAULTS", "edit_prompts", "editor_module",
-           "embed_prompts", "make_editor", "plan_for", "schedulers"]
+           "embed_prompts", "jitted", "make_editor", "plan_for", "schedulers"]

@@ -3,8 +3,10 @@
 Protection efficacy compares ``a = edit(protected)`` (the test image) with ``b = edit(clean)`` (the
 reference); imperceptibility compares ``a = protected`` with ``b = original``. Every function takes
 ``a, b: [B, H, W, 3] float32 in [0, 1]`` and returns ``[B]`` float32, one score per image: each is a
-single-image function ``jax.vmap``-ed over the batch, so a batch gives exactly what the images give
-one by one. All are ``jax.jit``-compiled (one trace per shape). Convolutions run at
+single-image function ``jax.vmap``-ed over the batch, so a score depends only on its own pair (a
+batch gives what the images give one by one, to float rounding). Each validates shapes in Python and
+calls a ``jax.jit``-compiled core with every option passed explicitly (one compilation per shape and
+option set); each can also be called inside a jit or differentiated. Convolutions run at
 ``Precision.HIGHEST`` so scores do not depend on the accelerator's default (bf16) conv precision.
 
 References the ports are tested against (``tests/test_metrics.py``):
@@ -49,7 +51,6 @@ def _corr2d(x: jax.Array, k: np.ndarray, pad: int = 0) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------------------------- PSNR
-@functools.partial(jax.jit, static_argnames=("data_range", "max_db"))
 def psnr(a: jax.Array, b: jax.Array, data_range: float = 1.0, max_db: float | None = None) -> jax.Array:
     """Peak signal-to-noise ratio, ``10 log10(R^2 / MSE)`` with the MSE over all pixels and channels.
 
@@ -62,6 +63,11 @@ def psnr(a: jax.Array, b: jax.Array, data_range: float = 1.0, max_db: float | No
       ``[B]`` PSNR in dB (higher = more similar).
     """
     _check(a, b)
+    return _psnr(a, b, data_range=float(data_range), max_db=None if max_db is None else float(max_db))
+
+
+@functools.partial(jax.jit, static_argnames=("data_range", "max_db"))
+def _psnr(a, b, data_range, max_db):
     mse = jnp.mean(jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32)), axis=(1, 2, 3))
     out = 10.0 * jnp.log10(data_range ** 2 / mse)
     return out if max_db is None else jnp.minimum(out, max_db)
@@ -89,7 +95,6 @@ def _ssim1(a, b, data_range, k1, k2, sigma):
     return jnp.mean(s)  # mean over the map of each channel, then over channels (equal sizes)
 
 
-@functools.partial(jax.jit, static_argnames=("data_range", "k1", "k2", "sigma"))
 def ssim(a: jax.Array, b: jax.Array, data_range: float = 1.0, k1: float = 0.01, k2: float = 0.03,
          sigma: float = 1.5) -> jax.Array:
     """Mean structural similarity (Wang et al., IEEE TIP 2004), Gaussian-weighted.
@@ -106,6 +111,11 @@ def ssim(a: jax.Array, b: jax.Array, data_range: float = 1.0, k1: float = 0.01, 
       ``[B]`` SSIM in [-1, 1] (1 for identical images).
     """
     _check(a, b, min_size=2 * int(3.5 * sigma + 0.5) + 1)
+    return _ssim(a, b, data_range=float(data_range), k1=float(k1), k2=float(k2), sigma=float(sigma))
+
+
+@functools.partial(jax.jit, static_argnames=("data_range", "k1", "k2", "sigma"))
+def _ssim(a, b, data_range, k1, k2, sigma):
     f = functools.partial(_ssim1, data_range=data_range, k1=k1, k2=k2, sigma=sigma)
     return jax.vmap(f)(a.astype(jnp.float32), b.astype(jnp.float32))
 
@@ -155,7 +165,6 @@ def _vifp1(x, y, sigma_n_sq):
     return (num + eps) / (den + eps)
 
 
-@functools.partial(jax.jit, static_argnames=("sigma_n_sq",))
 def vifp(a: jax.Array, b: jax.Array, sigma_n_sq: float = 2.0) -> jax.Array:
     """Visual information fidelity, pixel domain (Sheikh & Bovik, IEEE TIP 2006; LIVE ``vifvec`` pixel
     variant), as ``piq.vif_p(a, b, data_range=1)``.
@@ -164,7 +173,8 @@ def vifp(a: jax.Array, b: jax.Array, sigma_n_sq: float = 2.0) -> jax.Array:
     sigma = taps / 5, 'valid' filtering, dyadic downsampling between scales), with the GSM channel
     ``a = g b + v``: ``g = s_ab / s_b^2``, ``s_v^2 = s_a^2 - g s_ab`` and HVS noise sigma_n^2 = 2,
     ``VIF = sum log10(1 + g^2 s_b^2 / (s_v^2 + sigma_n^2)) / sum log10(1 + s_b^2 / sigma_n^2)``.
-    Not symmetric: ``a`` is the distorted/test image, ``b`` the reference.
+    Not symmetric: ``a`` is the distorted/test image, ``b`` the reference. A flat reference (no variance
+    anywhere) gives 0/0, guarded to 1 by the eps terms, as in piq.
 
     Args:
       a, b: ``[B, H, W, 3] float32 in [0, 1]``, H, W >= 41.
@@ -172,8 +182,13 @@ def vifp(a: jax.Array, b: jax.Array, sigma_n_sq: float = 2.0) -> jax.Array:
       ``[B]`` VIFp (1 for identical images; lower = less information of b preserved in a).
     """
     _check(a, b, min_size=41)
-    return jax.vmap(functools.partial(_vifp1, sigma_n_sq=sigma_n_sq))(a.astype(jnp.float32),
-                                                                      b.astype(jnp.float32))
+    return _vifp(a, b, sigma_n_sq=float(sigma_n_sq))
+
+
+@functools.partial(jax.jit, static_argnames=("sigma_n_sq",))
+def _vifp(a, b, sigma_n_sq):
+    f = functools.partial(_vifp1, sigma_n_sq=sigma_n_sq)
+    return jax.vmap(f)(a.astype(jnp.float32), b.astype(jnp.float32))
 
 
 # ----------------------------------------------------------------------------------------------- FSIM
@@ -269,8 +284,6 @@ def _fsim1(x, y, chromatic, k, bank, pool):
     return score.sum() / pc_max.sum()
 
 
-@functools.partial(jax.jit, static_argnames=("chromatic", "scales", "orientations", "min_length", "mult",
-                                             "sigma_f", "delta_theta", "k"))
 def fsim(a: jax.Array, b: jax.Array, chromatic: bool = True, scales: int = 4, orientations: int = 4,
          min_length: int = 6, mult: int = 2, sigma_f: float = 0.55, delta_theta: float = 1.2,
          k: float = 2.0) -> jax.Array:
@@ -290,9 +303,17 @@ def fsim(a: jax.Array, b: jax.Array, chromatic: bool = True, scales: int = 4, or
       ``[B]`` FSIM(c) (1 for identical images; lower = less similar).
     """
     _check(a, b)
+    return _fsim(a, b, chromatic=bool(chromatic), scales=int(scales), orientations=int(orientations),
+                 min_length=float(min_length), mult=float(mult), sigma_f=float(sigma_f),
+                 delta_theta=float(delta_theta), k=float(k))
+
+
+@functools.partial(jax.jit, static_argnames=("chromatic", "scales", "orientations", "min_length", "mult",
+                                             "sigma_f", "delta_theta", "k"))
+def _fsim(a, b, chromatic, scales, orientations, min_length, mult, sigma_f, delta_theta, k):
     pool = max(1, round(min(a.shape[1:3]) / 256))
-    bank = _log_gabor_bank(a.shape[1] // pool, a.shape[2] // pool, scales, orientations, float(min_length),
-                           float(mult), float(sigma_f), float(delta_theta))
+    bank = _log_gabor_bank(a.shape[1] // pool, a.shape[2] // pool, scales, orientations, min_length, mult,
+                           sigma_f, delta_theta)
     f = functools.partial(_fsim1, chromatic=chromatic, k=k, bank=bank, pool=pool)
     return jax.vmap(f)(a.astype(jnp.float32), b.astype(jnp.float32))
 

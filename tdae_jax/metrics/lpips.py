@@ -13,7 +13,8 @@ tensor names, typically two files, the torchvision trunk (``features.{idx}.weigh
 ``net.slice{k}.{idx}.*`` names work too) and the lpips heads (``lin{i}.model.1.weight``, ``[1, C, 1, 1]``).
 Pickled checkpoints (``.pth``) are refused; convert them once with torch::
 
-    python -c "import torch, safetensors.torch as st; st.save_file(torch.load('alex.pth', weights_only=True), 'alex_lin.safetensors')"
+    import torch, safetensors.torch as st
+    st.save_file(torch.load("alex.pth", weights_only=True), "alex_lin.safetensors")
 
 Usage::
 
@@ -183,7 +184,8 @@ def params_from_torch_state_dict(state: Mapping[str, Any], net: str = "alex",
 
 def load_lpips_params(paths: str | Sequence[str], net: str = "alex") -> dict[str, Any]:
     """Reads LPIPS weights from local ``.safetensors`` / ``.npz`` files (e.g. trunk + heads) and converts
-    them with :func:`params_from_torch_state_dict`. A name present in two files is an error."""
+    them with :func:`params_from_torch_state_dict` to a params tree of float32 ``jax.Array``s (on the
+    default device). A name present in two files is an error."""
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     merged: dict[str, np.ndarray] = {}
     origin: dict[str, str] = {}
@@ -192,14 +194,20 @@ def load_lpips_params(paths: str | Sequence[str], net: str = "alex") -> dict[str
             if k in merged:
                 raise ValueError(f"tensor {k!r} appears in both {origin[k]} and {p}")
             merged[k], origin[k] = v, p
-    return params_from_torch_state_dict(merged, net, source=", ".join(map(str, paths)))
+    params = params_from_torch_state_dict(merged, net, source=", ".join(map(str, paths)))
+    return jax.tree_util.tree_map(jnp.asarray, params)
+
+
+def lpips(params: Mapping[str, Any], a: jax.Array, b: jax.Array, net: str = "alex") -> jax.Array:
+    """LPIPS distance per image: ``a, b: [B, H, W, 3] float32 in [0, 1]`` -> ``[B]`` (lower = more similar).
+    Jit-compiled once per shape and trunk (also callable inside a jit)."""
+    if a.shape != b.shape or a.ndim != 4 or a.shape[-1] != 3:
+        raise ValueError(f"expected two [B, H, W, 3] image batches of equal shape, got {a.shape} and {b.shape}")
+    return _lpips(params, a, b, net=net)
 
 
 @functools.partial(jax.jit, static_argnames=("net",))
-def lpips(params: Mapping[str, Any], a: jax.Array, b: jax.Array, net: str = "alex") -> jax.Array:
-    """LPIPS distance per image: ``a, b: [B, H, W, 3] float32 in [0, 1]`` -> ``[B]`` (lower = more similar)."""
-    if a.shape != b.shape or a.ndim != 4 or a.shape[-1] != 3:
-        raise ValueError(f"expected two [B, H, W, 3] image batches of equal shape, got {a.shape} and {b.shape}")
+def _lpips(params, a, b, net):
     return LPIPS(net).apply({"params": params}, a, b)
 
 

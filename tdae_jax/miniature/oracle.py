@@ -163,20 +163,16 @@ def _soft_iou(a, b) -> float:
 
 
 def _alternatives(edit: world.Edit, size: int, ss: int, src_img):
-    """Images of the wrong forms the edited object could take: other shapes (reshape, add), other size (resize)."""
+    """Images of the wrong forms the edited object could take: other shapes (reshape, add), other size (resize).
+    Drawn alone on the background: the form check only looks near the object, away from the others."""
     if edit.kind == "resize":
         return [src_img]
-    objs = list(edit.target.objects)
-    after = objs[edit.index]
-    out = []
-    for shape in vocab.SHAPES:
-        if shape != after.shape:
-            objs[edit.index] = dataclasses.replace(after, shape=shape)
-            out.append(world.render(world.Scene(edit.target.background, tuple(objs)), size, ss))
-    return out
+    after = edit.after
+    return [world.render(world.Scene(edit.target.background, (dataclasses.replace(after, shape=shape),)), size, ss)
+            for shape in vocab.SHAPES if shape != after.shape]
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=1024)
 def reference(edit: world.Edit, size: int, ss: int = 4) -> dict:
     """Everything the oracle needs that does not depend on the output (cached: scoring many outputs of the
     same edits, e.g. several checkpoints on one held-out set, renders each reference once)."""
@@ -206,10 +202,14 @@ def reference(edit: world.Edit, size: int, ss: int = 4) -> dict:
         window = _dilate(window, 3)
         if others:
             window &= ~_dilate((t_cov[others] > 0).any(0), 1)
-        ref["window"] = window
-        ref["f_gt"] = (colour_weight(gt, after.colour) * window).astype(np.float32)
-        ref["f_alts"] = [(colour_weight(alt, after.colour) * window).astype(np.float32)
+        rows, cols = np.nonzero(window)
+        box = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
+        ref["box"], ref["window"] = box, window[box]
+        ref["f_gt"] = (colour_weight(gt[box], after.colour) * window[box]).astype(np.float32)
+        ref["f_alts"] = [(colour_weight(alt[box], after.colour) * window[box]).astype(np.float32)
                          for alt in _alternatives(edit, size, ss, src)]
+    for a in [v for v in ref.values() if isinstance(v, np.ndarray)] + ref.get("f_alts", []):
+        a.setflags(write=False)          # shared by every caller of the cache
     return ref
 
 
@@ -242,7 +242,7 @@ def edit_success(output, edit: world.Edit, ss: int = 4, thresholds: Thresholds =
         row["region_psnr"] = psnr(out, gt, ref["region"])
         ok &= row["region_psnr"] >= th.region_psnr
     if "window" in ref:
-        f_out = colour_weight(out, after.colour) * ref["window"]
+        f_out = colour_weight(out[ref["box"]], after.colour) * ref["window"]
         d_new = float(((f_out - ref["f_gt"]) ** 2).sum())
         d_alts = [float(((f_out - f) ** 2).sum()) for f in ref["f_alts"]]
         row["iou"] = _soft_iou(f_out, ref["f_gt"])

@@ -7,7 +7,8 @@ world is procedural, the exact result of every edit is known; ``oracle.py`` scor
 
 Scenes are resolution free (positions and sizes are fractions of the canvas); ``render(scene, size)`` draws
 one at any size, anti-aliased by ``ss x ss`` supersampling (deterministic: a box average of a finer grid).
-Everything is numpy, seeded, and item ``i`` of a dataset depends only on ``(seed, i)``.
+Everything is numpy and seeded: item ``i`` of a dataset depends only on ``(seed, i)`` (and the kinds asked
+for), never on how many items are drawn (same numpy version; ``Generator`` streams may change across numpy).
 Images are ``uint8 [H, W, 3]``; masks are coverage ``float32 [K, H, W] in [0, 1]`` (object k's share of each pixel).
 """
 from __future__ import annotations
@@ -115,8 +116,8 @@ def _in_polygon(u, v, verts):
     return inside
 
 
-_ang = np.pi * (np.arange(10) / 5 - 0.5)
-_STAR = np.stack([np.cos(_ang), np.sin(_ang) + 0.095], 1) * np.where(np.arange(10) % 2, 0.45, 1.0)[:, None]
+_ang = np.pi * (np.arange(10) / 5 - 0.5)   # five-pointed star, point up, centred vertically in [-1, 1]
+_STAR = np.stack([np.cos(_ang), np.sin(_ang)], 1) * np.where(np.arange(10) % 2, 0.45, 1.0)[:, None] + [0, 0.0955]
 
 
 def inside_shape(shape: str, u, v):
@@ -180,6 +181,20 @@ def _bg_weight(bg: Background, xs, ys):
     raise ValueError(f"unknown background {bg.kind!r}")
 
 
+@functools.lru_cache(maxsize=32)
+def _background_layer(bg: Background, size: int, ss: int):
+    """(downsampled background float64 [size,size,3], supersampled c2-weight [S,S] or None), read-only; cached
+    because an edit's source and target (and the oracle's templates) share their background."""
+    t = _hi_coords(size, ss)
+    c1, c2 = np.asarray(bg.c1, np.float64), np.asarray(bg.c2, np.float64)
+    w = _bg_weight(bg, t[None, :], t[:, None])
+    low = np.broadcast_to(c1, (size, size, 3)).copy() if w is None else c1 + (c2 - c1) * _down(w, ss)[..., None]
+    for a in (low, w):
+        if a is not None:
+            a.setflags(write=False)
+    return low, w
+
+
 def _draw(bg: Background, prims, size: int, ss: int, image: bool = True):
     """Box-filtered rendering of ``prims`` (shape, cx, cy, half, angle_deg, colour_fn) over ``bg``.
 
@@ -192,8 +207,8 @@ def _draw(bg: Background, prims, size: int, ss: int, image: bool = True):
     low = w = None
     if image:
         c1, c2 = np.asarray(bg.c1, np.float64), np.asarray(bg.c2, np.float64)
-        w = _bg_weight(bg, t[None, :], t[:, None])
-        low = np.broadcast_to(c1, (size, size, 3)).copy() if w is None else c1 + (c2 - c1) * _down(w, ss)[..., None]
+        low, w = _background_layer(bg, size, ss)
+        low = low.copy()
     for k, (shape, cx, cy, half, angle, colour_fn) in enumerate(prims):
         ext = half * (1.25 if angle else 1.0)
         i0, i1 = max(int(np.floor((cy - ext) * size)), 0), min(int(np.ceil((cy + ext) * size)), size)

@@ -334,7 +334,8 @@ def tiny_modules(family: str, dtype=jnp.float32):
                             up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
                             latent_channels=4, norm_num_groups=4, sample_size=32, scaling_factor=0.18215, dtype=dtype)
     unet = UNet(sample_size=16, in_channels=IN_CHANNELS[family], out_channels=4,
-                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
                 block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=2, cross_attention_dim=32,
                 dtype=dtype)
     tok = tiny_tokenizer()

@@ -112,6 +112,17 @@ class SD3:
     def to_x0(self, v, z_t, t) -> jax.Array:
         return flow_match.x0_from_velocity(v, z_t, self.sigma(jnp.broadcast_to(jnp.asarray(t), (z_t.shape[0],))))
 
+    # ------------------------------------------------------------------ placement
+    def shard(self, mesh, model_axis: str = "model") -> "SD3":
+        """Place the transformer params split over ``mesh``'s ``model_axis`` (``sd3_transformer.partition_spec``:
+        q/k/v and FF-in output dims, attention-out and FF-out input dims) and replicate the VAE params."""
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        tr = jax.device_put(self.params["transformer"],
+                            sd3_transformer.param_shardings(self.params["transformer"], mesh, model_axis))
+        vae = jax.device_put(self.params["vae"], NamedSharding(mesh, PartitionSpec()))
+        return self.replace(params={"transformer": tr, "vae": vae})
+
     # ------------------------------------------------------------------ text
     def embed_text(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
         """(prompt_embeds ``[B, 77 + T5 len, 4096]``, pooled ``[B, 2048]``), host-side, as encode_prompt."""
@@ -122,7 +133,7 @@ class SD3:
 
 # ---------------------------------------------------------------------------------------- builders
 TINY_TRANSFORMER = dict(sample_size=32, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=8,
-                        num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32,
+                        num_attention_heads=4, joint_attention_dim=48, caption_projection_dim=32,
                         pooled_projection_dim=32, out_channels=16, pos_embed_max_size=16,
                         dual_attention_layers=(0,), qk_norm="rms_norm")
 TINY_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
@@ -131,13 +142,13 @@ TINY_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlo
                 shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
 TINY_CLIP = dict(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                  projection_dim=16, max_position_embeddings=77, bos_token_id=97, eos_token_id=2, pad_token_id=1)
-TINY_T5 = dict(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+TINY_T5 = dict(vocab_size=100, d_model=48, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False)
 
 
 def tiny(key: jax.Array | None = None, remat: bool = False, max_sequence_length: int = 32) -> SD3:
     """A random tiny SD3.5-style model (qk RMSNorm, one dual-attention block), CPU-fast: images 32×32
-    -> latents ``[B,16,16,16]``; text ``[B, 77 + max_sequence_length, 32]`` / pooled ``[B, 32]``."""
+    -> latents ``[B,16,16,16]``; text ``[B, 77 + max_sequence_length, 48]`` (CLIP 16+16 zero-padded to 48) / pooled ``[B, 32]``."""
     from transformers import CLIPTextConfig, T5Config
 
     if key is None:
@@ -145,25 +156,42 @@ def tiny(key: jax.Array | None = None, remat: bool = False, max_sequence_length:
     k_tr, k_vae, k_l, k_g, k_t5 = jax.random.split(key, 5)
     cfg = sd3_transformer.SD3Config.from_dict(TINY_TRANSFORMER)
     transformer = sd3_transformer.SD3Transformer2DModel(cfg, remat=remat)
-    tr_params = transformer.init(k_tr, jnp.zeros((1, 16, 4, 4)), jnp.zeros((1, 3, 32)), jnp.zeros((1, 32)),
-                                 jnp.zeros((1,)))["params"]
+    tr_params = random_params(sd3_transformer.init_shapes(transformer), k_tr)
     vae, info = sd3_vae.build_vae(TINY_VAE)
-    vae_params = vae.init(k_vae, jnp.zeros((1, 3, 8, 8)))["params"]
-    vae_params = {k: v for k, v in vae_params.items() if k not in ("quant_conv", "post_quant_conv")}
+    vae_params = random_params(sd3_vae.init_shapes(vae, info), k_vae)
     ids = jnp.zeros((1, 4), jnp.int32)
     clip_l = sd3_text.clip_module(CLIPTextConfig(**TINY_CLIP, hidden_act="quick_gelu"))
     clip_g = sd3_text.clip_module(CLIPTextConfig(**TINY_CLIP, hidden_act="gelu"))
     t5 = sd3_text.t5_module(T5Config(**TINY_T5))
+    shapes = lambda mod, *a: jax.eval_shape(lambda: mod.init(jax.random.key(0), *a))["params"]  # noqa: E731
     text = sd3_text.SD3TextEncoders(
-        clip_l, clip_l.init(k_l, ids, jnp.ones_like(ids), ids)["params"],
-        clip_g, clip_g.init(k_g, ids, jnp.ones_like(ids), ids)["params"],
-        t5, t5.init(k_t5, ids, jnp.ones_like(ids))["params"],
+        clip_l, random_params(shapes(clip_l, ids, ids, ids), k_l),
+        clip_g, random_params(shapes(clip_g, ids, ids, ids), k_g),
+        t5, random_params(shapes(t5, ids, ids), k_t5),
         tokenizer_l=sd3_text.char_tokenizer(77), tokenizer_g=sd3_text.char_tokenizer(77, pad="!"),
         tokenizer_t5=sd3_text.char_tokenizer(max_sequence_length, clip=False),
         max_sequence_length=max_sequence_length, joint_attention_dim=cfg.joint_attention_dim)
     static = SD3Static(transformer, vae, info, text, flow_match.FlowMatchConfig(1000, 3.0), name="sd3-tiny",
                        source="tiny")
     return SD3(params={"transformer": tr_params, "vae": vae_params}, static=static)
+
+
+def random_params(shapes, key: jax.Array, dtype=np.float32):
+    """Random params for a tree of shapes, without compiling an init (fast on a loaded CPU):
+    kernels ~ N(0, 1/fan_in), embeddings ~ N(0, 0.02²), biases 0, norm scales/weights 1."""
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+
+    def one(path, leaf):
+        name, shape = str(getattr(path[-1], "key", path[-1])), tuple(leaf.shape)
+        if name == "kernel":
+            return (rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))).astype(dtype)
+        if name == "embedding":
+            return (0.02 * rng.standard_normal(shape)).astype(dtype)
+        if name == "bias":
+            return np.zeros(shape, dtype)
+        return np.ones(shape, dtype)  # LayerNorm/RMSNorm scale, T5 LayerNorm weight
+
+    return jax.tree_util.tree_map_with_path(one, shapes)
 
 
 def _tokenizer(directory: str):

@@ -19,6 +19,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from tdae_jax.models import sd3_io
@@ -381,7 +382,7 @@ def convert_state_dict(tensors: dict, where: dict, model: SD3Transformer2DModel,
     """diffusers ``SD3Transformer2DModel`` state dict (numpy) -> Flax params, strictly checked (spec §6).
 
     ``pos_embed.pos_embed`` is not a parameter: a sample of its rows is compared with the recomputed
-    table (atol 1e-3 for half-precision checkpoints, else 1e-5) and it is dropped.
+    table (atol: 1e-5, or the dtype's eps for half-precision checkpoints) and it is dropped.
     """
     cfg = model.config
     converted = {}
@@ -394,7 +395,7 @@ def convert_state_dict(tensors: dict, where: dict, model: SD3Transformer2DModel,
                                           f"expected (1, {m2}, {cfg.inner_dim}) from pos_embed_max_size")
             idx = np.unique(np.linspace(0, m2 - 1, 257).astype(np.int64))
             ref = pos_embed_rows(cfg, idx)
-            atol = 1e-5 if arr.dtype == np.float32 else 1e-3
+            atol = 1e-5 if arr.dtype in (np.float32, np.float64) else float(ml_dtypes.finfo(arr.dtype).eps)  # half: 1 ulp at 1
             err = float(np.max(np.abs(np.asarray(arr[0, idx], np.float64) - ref)))
             if err > atol:
                 raise sd3_io.WeightsError(f"tensor {name!r} in {fname} differs from the sin-cos table by {err:.2e} "

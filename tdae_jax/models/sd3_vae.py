@@ -58,16 +58,18 @@ def build_vae(config: dict, dtype=jnp.float32):
     return vae, info
 
 
-def _expected_shapes(vae, info: VAEInfo) -> dict:
+def init_shapes(vae, info: VAEInfo) -> dict:
+    """Param shapes (nested, ``ShapeDtypeStruct``) without the quant convs the config does not use."""
     n = info.downsample
     sample = jnp.zeros((1, vae.in_channels, n, n), jnp.float32)
-    shapes = jax.eval_shape(lambda: vae.init(jax.random.key(0), sample))["params"]
-    flat = sd3_io.flat_shapes(shapes)
-    if not info.use_quant_conv:
-        flat = {k: v for k, v in flat.items() if k[0] != "quant_conv"}
-    if not info.use_post_quant_conv:
-        flat = {k: v for k, v in flat.items() if k[0] != "post_quant_conv"}
-    return flat
+    shapes = dict(jax.eval_shape(lambda: vae.init(jax.random.key(0), sample))["params"])
+    drop = [k for k, use in (("quant_conv", info.use_quant_conv), ("post_quant_conv", info.use_post_quant_conv))
+            if not use]
+    return {k: v for k, v in shapes.items() if k not in drop}
+
+
+def _expected_shapes(vae, info: VAEInfo) -> dict:
+    return sd3_io.flat_shapes(init_shapes(vae, info))
 
 
 def convert_state_dict(tensors: dict, where: dict, vae, info: VAEInfo, dtype=np.float32) -> dict:

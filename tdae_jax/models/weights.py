@@ -208,30 +208,41 @@ def random_params(module, seed: int = 0, dtype=jnp.float32) -> dict:
     return flax.traverse_util.unflatten_dict(out)
 
 
-def convert_pytorch(state: dict[str, np.ndarray], files: dict[str, Path], expected: dict, *, source: Path,
-                    vae: bool = False, dtype=jnp.float32) -> dict:
-    """PyTorch state dict -> nested Flax params matching ``expected`` exactly (or :class:`WeightsError`)."""
-    out, used, missing, wrong = {}, set(), [], []
+def match_tensors(shapes: dict[str, tuple[int, ...]], files: dict[str, Path], expected: dict, *, source: Path,
+                  vae: bool = False) -> dict[tuple[str, ...], str]:
+    """Pair every expected Flax param with one PyTorch tensor name, checking shapes (from ``shapes`` alone, so a
+    full-size model can be checked without its data); raise :class:`WeightsError` listing every problem."""
+    plan, missing, wrong = {}, [], []
     for path, spec in expected.items():
         names = pytorch_names(path, vae)
-        name = next((n for n in names if n in state), None)
+        name = next((n for n in names if n in shapes), None)
         leaf, want_pt = path[-1], _shape_pt(path[-1], spec.shape)
         if name is None:
             missing.append(f"{source}: missing tensor '{names[0]}' (expected shape {want_pt}; "
                            f"Flax param {'/'.join(path)})")
             continue
-        used.add(name)
-        arr = to_flax_layout(leaf, state[name], spec.shape)
-        if arr.shape != spec.shape:
-            wrong.append(f"{files[name]}: tensor '{name}' has shape {tuple(state[name].shape)}, expected "
+        got = to_flax_layout(leaf, np.broadcast_to(np.zeros((), np.bool_), shapes[name]), spec.shape).shape
+        if got != tuple(spec.shape):
+            wrong.append(f"{files[name]}: tensor '{name}' has shape {tuple(shapes[name])}, expected "
                          f"{want_pt} (Flax param {'/'.join(path)} {tuple(spec.shape)})")
             continue
-        out[path] = jnp.asarray(np.asarray(arr, dtype=np.dtype(dtype)))
-    extra = [f"{files[n]}: unexpected tensor '{n}' with shape {tuple(state[n].shape)} (not in the model "
-             f"config.json describes)" for n in sorted(state) if n not in used and not IGNORABLE.search(n)]
+        plan[path] = name
+    used = set(plan.values())
+    extra = [f"{files[n]}: unexpected tensor '{n}' with shape {tuple(shapes[n])} (not in the model "
+             f"config.json describes)" for n in sorted(shapes) if n not in used and not IGNORABLE.search(n)]
     _raise(missing, f"{source}: {len(missing)} tensor(s) missing")
     _raise(wrong, f"{source}: {len(wrong)} tensor(s) with the wrong shape")
     _raise(extra, f"{source}: {len(extra)} unexpected tensor(s)")
+    return plan
+
+
+def convert_pytorch(state: dict[str, np.ndarray], files: dict[str, Path], expected: dict, *, source: Path,
+                    vae: bool = False, dtype=jnp.float32) -> dict:
+    """PyTorch state dict -> nested Flax params matching ``expected`` exactly (or :class:`WeightsError`)."""
+    plan = match_tensors({k: v.shape for k, v in state.items()}, files, expected, source=source, vae=vae)
+    out = {path: jnp.asarray(np.asarray(to_flax_layout(path[-1], state[name], expected[path].shape),
+                                        dtype=np.dtype(dtype)))
+           for path, name in plan.items()}
     return flax.traverse_util.unflatten_dict(out)
 
 

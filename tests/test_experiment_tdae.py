@@ -1,0 +1,186 @@
+"""The command end to end on the tiny surrogate: bad inputs, exit codes, originals untouched, resume.
+
+Every bad input sits in one folder next to good images, so one run checks the message per file, the
+exit code (1), that the good images were still protected, and that no original changed.
+"""
+import csv
+import hashlib
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from experiments import tdae as cli
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--surrogate=ip2p", "--objective=pge", "--steps=3", "--size=32", "--eps=0.03137254901960784",
+        "--step_size=0.01", "--batch_size=2", "--report=true", "--log_every=1"]
+
+
+def _rgb(seed, h=40, w=48):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _digest(folder: Path):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def _rows(workdir: Path):
+    with open(workdir / "metrics.csv") as f:
+        return {r["id"]: r for r in csv.DictReader(f)}
+
+
+def run(argv):
+    return cli.run_cli(["tdae"] + argv)
+
+
+@pytest.fixture(scope="module")
+def bad_folder(tmp_path_factory):
+    d = tmp_path_factory.mktemp("inputs")
+    Image.fromarray(_rgb(0)).save(d / "good1.png")
+    Image.fromarray(_rgb(1)).save(d / "good2.jpg", quality=95)
+    (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    (d / "notes.png").write_text("this is a text file, not an image\n")
+    Image.fromarray(_rgb(2)[..., 0]).save(d / "gray.png")
+    Image.fromarray(_rgb(3)).convert("CMYK").save(d / "cmyk.jpg")
+    Image.fromarray(_rgb(4)).convert("P", palette=Image.Palette.ADAPTIVE).save(d / "palette.png")
+    Image.fromarray((_rgb(5)[..., 0].astype(np.uint16) * 257)).save(d / "deep16.png")
+    rgba = np.concatenate([_rgb(6), np.full((40, 48, 1), 200, np.uint8)], -1)
+    Image.fromarray(rgba, "RGBA").save(d / "alpha.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    Image.fromarray(_rgb(7, 40, 64)).save(d / "rotated.jpg", exif=exif.tobytes(), quality=95)
+    Image.fromarray(_rgb(8, 4, 4)).save(d / "tiny4x4.png")
+    # a truncated PNG
+    buf = io.BytesIO()
+    Image.fromarray(_rgb(9)).save(buf, format="PNG")
+    (d / "truncated.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    return d
+
+
+def test_bad_inputs_one_run(bad_folder, tmp_path, capsys):
+    before = _digest(bad_folder)
+    work = tmp_path / "work"
+    code = run(FAST + [f"--images={bad_folder}", f"--workdir={work}"])
+    err = capsys.readouterr().err
+    assert code == 1
+    rows = _rows(work)
+    ok = {"good1", "good2", "gray", "cmyk", "palette", "deep16", "alpha", "rotated"}
+    bad = {"corrupt": "", "notes": "", "tiny4x4": "too small", "truncated": ""}
+    for i in ok:
+        assert rows[i]["status"] == "done", (i, rows[i]["error"])
+        assert (work / "protected" / f"{i}.png").exists()
+        assert int(rows[i]["linf_255"]) <= 8
+    for i, word in bad.items():
+        assert rows[i]["status"] == "failed"
+        assert f"{i}." in rows[i]["error"] and word in rows[i]["error"]  # names the file and the problem
+        assert f"{i}." in err  # and says so on stderr
+        assert not (work / "protected" / f"{i}.png").exists()
+    # EXIF orientation applied: the 64x40 stored image is 40x64 (portrait) when displayed
+    assert Image.open(work / "protected" / "rotated.png").size == (40, 64)
+    # outputs keep the original resolution
+    assert Image.open(work / "protected" / "good1.png").size == (48, 40)
+    assert _digest(bad_folder) == before  # originals byte-identical
+    assert not list(bad_folder.glob("*.tmp*"))
+    for name in ("metrics.jsonl", "report.html", "flags.flags", "git_revision.txt", "manifest.json"):
+        assert (work / name).exists(), name
+    html = (work / "report.html").read_text()
+    assert "good1" in html and "corrupt" in html
+
+    # resume: the same command does nothing more, still reports the failures, exit 1
+    stamp = (work / "protected" / "good1.png").stat().st_mtime_ns
+    assert run(FAST + [f"--images={bad_folder}", f"--workdir={work}"]) == 1
+    assert (work / "protected" / "good1.png").stat().st_mtime_ns == stamp
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_empty_folder_is_usage_error(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run(FAST + [f"--images={empty}", f"--workdir={tmp_path / 'w'}"]) == 2
+    assert str(empty) in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
+def test_workdir_inside_input_folder_refused(tmp_path, capsys):
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(_rgb(0)).save(d / "a.png")
+    before = _digest(d)
+    assert run(FAST + [f"--images={d}", f"--workdir={d}"]) == 2
+    assert "input folder" in capsys.readouterr().err
+    assert _digest(d) == before
+    assert run(FAST + [f"--images={d}", f"--workdir={d / 'out'}"]) == 2
+    assert _digest(d) == before
+
+
+def test_prompts_row_with_missing_image(tmp_path, capsys):
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(_rgb(0)).save(d / "a.png")
+    Image.fromarray(_rgb(1)).save(d / "b.png")
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("id,image,instruction\na,a.png,make it snowy\nghost,ghost.png,add a hat\n")
+    work = tmp_path / "w"
+    code = run(FAST + ["--objective=advdm", "--timesteps=1", f"--images={d}", f"--prompts={prompts}",
+                       f"--workdir={work}"])
+    assert code == 1
+    rows = _rows(work)
+    assert rows["a"]["status"] == "done" and rows["b"]["status"] == "done"  # b: default prompt
+    failed = [r for r in rows.values() if r["status"] == "failed"]
+    assert len(failed) == 1 and "ghost.png" in failed[0]["error"] and "prompts.csv" in failed[0]["error"]
+
+
+def test_weights_dir_with_missing_tensor(tmp_path, capsys):
+    from safetensors.numpy import load_file, save_file
+
+    from tdae_jax import models
+
+    wdir = tmp_path / "model"
+    models.save(models.tiny("ip2p"), wdir)
+    f = wdir / "vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(f)
+    dropped = sorted(state)[0]
+    del state[dropped]
+    save_file(state, f)
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(_rgb(0)).save(d / "a.png")
+    assert run(FAST + [f"--images={d}", f"--workdir={tmp_path / 'w'}", f"--weights_dir={wdir}"]) == 2
+    err = capsys.readouterr().err
+    assert "diffusion_pytorch_model.safetensors" in err and dropped in err
+
+
+def test_weights_dir_roundtrip_runs(tmp_path):
+    """A model saved in diffusers layout loads through --weights_dir and protects an image."""
+    from tdae_jax import models
+
+    wdir = tmp_path / "model"
+    models.save(models.tiny("ip2p"), wdir)
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(_rgb(0)).save(d / "a.png")
+    assert run(FAST + [f"--images={d}", f"--workdir={tmp_path / 'w'}", f"--weights_dir={wdir}"]) == 0
+
+
+def test_subprocess_exit_code_and_flagfile(tmp_path):
+    """The real `python -m experiments.tdae --flagfile=...` path, and flags.flags re-runs the same config."""
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(_rgb(0)).save(d / "a.png")
+    ff = tmp_path / "x.flags"
+    ff.write_text("\n".join(["# a comment", *FAST, f"--images={d}", f"--workdir={tmp_path / 'w'}"]) + "\n")
+    r = subprocess.run([sys.executable, "-m", "experiments.tdae", f"--flagfile={ff}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "iter 3/3" in r.stderr and "ETA" in r.stderr
+    saved = (tmp_path / "w" / "flags.flags").read_text()
+    assert "--steps=3" in saved and "--objective=pge" in saved
+    r = subprocess.run([sys.executable, "-m", "experiments.tdae", "--nosuch_flag=1"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "nosuch_flag" in r.stderr
