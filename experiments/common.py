@@ -56,6 +56,13 @@ def define_protect_flags():
     DEFINE_integer("log_every", 10, "Progress line every k iterations.")
     DEFINE_string("default_prompt", "make it a watercolor painting",
                         "Edit instruction / caption used for images without a prompts row.")
+    # multi-host (tdae_jax/parallel/multihost.py; launch/*.sh)
+    DEFINE_enum("multihost", "off", ["off", "on", "auto"],
+                "off: one process; on: jax.distributed with --coordinator/--num_processes/--process_id "
+                "(or TDAE_* env); auto: let JAX detect a TPU pod / SLURM cluster.")
+    DEFINE_string("coordinator", "", "host:port of process 0 (multihost=on).")
+    DEFINE_integer("num_processes", 0, "Number of processes (multihost=on).")
+    DEFINE_integer("process_id", -1, "This process's index (multihost=on).")
     # objective knobs
     DEFINE_integer("timesteps", 10, "K (t, eps) draws per gradient (TDAE §9: 10).")
     DEFINE_integer("denoise_steps", 4, "PhotoGuard diffusion attack: denoising steps K (PhotoGuard: 4).")

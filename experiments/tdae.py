@@ -26,8 +26,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from tdae_jax import pipeline
+    from tdae_jax.parallel import multihost
 
     try:
+        proc = multihost.initialize(FLAGS.multihost, FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
         cfg = common.run_config_from_flags(FLAGS)
     except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -37,7 +39,9 @@ def main(argv):
     except pipeline.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    common.write_flagfile(FLAGS, Path(cfg.workdir) / "flags.flags")
+    if proc.is_main:
+        common.write_flagfile(FLAGS, Path(cfg.workdir) / "flags.flags")
+    print(f"[process {proc.index}/{proc.count}] " if proc.count > 1 else "", end="")
     print(f"protected {len(result.done)} image(s), {len(result.failed)} failed, "
           f"{len(result.skipped)} skipped (already done); outputs in {cfg.workdir}")
     for r in result.rows:

@@ -30,6 +30,7 @@ from tdae_jax.defenses import tdae as tdae_defense
 from tdae_jax.metrics import image as image_metrics
 from tdae_jax.metrics import report
 from tdae_jax.parallel import mesh as meshlib
+from tdae_jax.parallel import multihost
 from tdae_jax.protect import Protector
 
 log = logging.getLogger("tdae_jax")
@@ -142,11 +143,18 @@ def run(cfg: RunConfig, progress: Callable[[str], None] = log.info) -> RunResult
             raise UsageError(str(e)) from e
     fdm, tpa, dpd = cfg.defense_configs()
     sur = load_surrogate(cfg)
+    proc = multihost.info()
+    if proc.count > 1 and cfg.resize == "none":
+        raise UsageError("multi-process runs need one working size for every image: use --resize other than none")
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "protected").mkdir(exist_ok=True)
-    (workdir / "git_revision.txt").write_text(git_revision() + "\n")
-    manifest = Manifest(workdir / "manifest.json")
+    if proc.is_main:
+        (workdir / "git_revision.txt").write_text(git_revision() + "\n")
+    # one manifest per process (ids are the same everywhere: every process registers every path)
+    manifest = Manifest(workdir / ("manifest.json" if proc.count == 1 else f"manifest.p{proc.index}.json"))
     entries = manifest.sync(paths)
+    # process p owns every P-th input (sorted order): a disjoint, deterministic shard
+    owned = {e["id"] for k, e in enumerate(entries) if k % proc.count == proc.index}
     bad_prompt = {}  # source path -> problem, for rows that name an existing input but are unusable
     for problem in prompt_problems:
         log.error("prompts: %s", problem)
@@ -168,9 +176,10 @@ def run(cfg: RunConfig, progress: Callable[[str], None] = log.info) -> RunResult
     embed = jax.jit(sur.embed_ids) if uses_text else None
     fp_cfg = {"cfg": dataclasses.asdict(cfg), "rev": "n/a"}
 
-    todo = [e for e in entries if e["status"] != "done" and (cfg.retry_failed or e["status"] != "failed")
+    mine = [e for e in entries if e["id"] in owned]
+    todo = [e for e in mine if e["status"] != "done" and (cfg.retry_failed or e["status"] != "failed")
             and not e["id"].startswith("prompt:")]
-    skipped = [e["id"] for e in entries if e not in todo]
+    skipped = [e["id"] for e in mine if e not in todo]
     if skipped:
         progress(f"resuming: {len(skipped)} of {len(entries)} inputs already done or failed (not retried)")
     loaded, curves = {}, {}
@@ -189,23 +198,33 @@ def run(cfg: RunConfig, progress: Callable[[str], None] = log.info) -> RunResult
     groups: dict[tuple, list[str]] = {}
     for i, li in loaded.items():
         groups.setdefault(li.array.shape, []).append(i)
-    work = [ids[j:j + protector.batch_size] for ids in groups.values() for j in range(0, len(ids), protector.batch_size)]
+    per = protector.local_batch_size
+    work = [ids[j:j + per] for ids in groups.values() for j in range(0, len(ids), per)]
+    if proc.count > 1:  # SPMD: every process runs the same number of global batches
+        n_batches = max(multihost.allgather_json(len(work), proc))
+        work += [[] for _ in range(n_batches - len(work))]
     total_iters = max(1, len(work) * cfg.pgd.steps)
     t_run = time.perf_counter()
     clock: dict = {}
     for bi, ids in enumerate(work):
         t0 = time.perf_counter()
-        batch = {"x0": np.stack([loaded[i].array for i in ids]), "uid": prng.uids(ids)}
-        if uses_text:
+        if ids:
+            x0 = np.stack([loaded[i].array for i in ids])
             texts = [_prompt_for(find_prompt(prompts, i, loaded[i].path), sur.family, cfg.default_prompt)
                      for i in ids]
+        else:  # this process has no rows left in this global batch: one dummy row, never written
+            x0 = np.zeros((1, cfg.size, cfg.size, 3), np.float32)
+            texts = [""]
+        batch = {"x0": x0, "uid": prng.uids(ids or ["<pad>"])}
+        if uses_text:
             token_ids = sur.tokenize(texts)
             batch["emb"] = np.asarray(embed(token_ids))
-            batch["uncond"] = np.asarray(embed(sur.tokenize([""] * len(ids))))
+            batch["uncond"] = np.asarray(embed(sur.tokenize([""] * len(texts))))
             batch["token_mask"] = objectives.semantic_attention.content_token_mask(token_ids, sur.static.tokenizer)
-        unit = checkpoint.fingerprint(ids)
+        unit_ids = ids if proc.count == 1 else sum(multihost.allgather_json(ids, proc), [])
+        unit = checkpoint.fingerprint(unit_ids)
         ckpt = checkpoint.UnitCheckpointer(workdir / "ckpt" / unit, cfg.ckpt_every) if cfg.ckpt_every else None
-        meta = {"fingerprint": checkpoint.fingerprint({**fp_cfg, "ids": ids}), "ids": ids}
+        meta = {"fingerprint": checkpoint.fingerprint({**fp_cfg, "ids": unit_ids}), "ids": unit_ids}
 
         def on_iter(it, info, bi=bi):
             # ETA from the steady-state rate (the first iteration of a run includes compilation)
@@ -232,21 +251,29 @@ def run(cfg: RunConfig, progress: Callable[[str], None] = log.info) -> RunResult
                 manifest.mark(i, "failed", error=f"optimisation failed: {type(err).__name__}: {err}")
             log.exception("batch %d failed", bi + 1)
             continue
-        secs = (time.perf_counter() - t0) / len(ids)
+        secs = (time.perf_counter() - t0) / max(len(ids), 1)
         for j, i in enumerate(ids):
             _finish(cfg, manifest, workdir, loaded[i], delta[j], {k: v[j] for k, v in hist.items()}, secs, curves)
         if ckpt is not None:
             ckpt.close(remove=True)
 
-    rows = [_row(e) for e in manifest.entries()]
-    report.write_metrics(workdir, rows)
-    _write_flags_summary(workdir, cfg)
-    if cfg.report:
-        _write_report(cfg, workdir, manifest, curves)
-    st = [e["status"] for e in manifest.entries()]
-    return RunResult(done=[e["id"] for e in manifest.entries() if e["status"] == "done"],
-                     failed=[e["id"] for e in manifest.entries() if e["status"] == "failed"],
-                     skipped=skipped, rows=rows) if st else RunResult([], [], [], [])
+    mine_now = [e for e in manifest.entries() if e["id"] in owned or e["id"].startswith("prompt:")]
+    if proc.count > 1:  # process 0 writes the merged metrics and report (no shared filesystem needed)
+        gathered = multihost.allgather_json(mine_now, proc)
+        all_entries = sorted((e for part in gathered for e in part), key=lambda e: e["id"])
+        all_entries = list({e["id"]: e for e in all_entries}.values())
+    else:
+        all_entries = mine_now
+    rows = [_row(e) for e in all_entries]
+    if proc.is_main:
+        report.write_metrics(workdir, rows)
+        _write_flags_summary(workdir, cfg)
+        if cfg.report:
+            _write_report(cfg, workdir, all_entries, curves)
+    multihost.barrier("tdae_jax/pipeline/done", proc)
+    return RunResult(done=[e["id"] for e in all_entries if e["status"] == "done"],
+                     failed=[e["id"] for e in all_entries if e["status"] == "failed"],
+                     skipped=skipped, rows=rows)
 
 
 def _finish(cfg, manifest, workdir, li, delta, hist, secs, curves):
@@ -287,9 +314,9 @@ def _write_flags_summary(workdir: Path, cfg: RunConfig):
     dio.atomic_write_bytes(workdir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1, default=str).encode())
 
 
-def _write_report(cfg, workdir, manifest, curves):
+def _write_report(cfg, workdir, all_entries, curves):
     entries = []
-    for e in manifest.entries():
+    for e in all_entries:
         item = {"id": e["id"], "status": e["status"], "error": e.get("error"), "metrics": e.get("metrics") or {}}
         if e["status"] == "done":
             try:
@@ -306,6 +333,6 @@ def _write_report(cfg, workdir, manifest, curves):
     fdm, tpa, dpd = cfg.defense_configs()
     summary = {"surrogate": f"{cfg.surrogate} ({cfg.weights_dir or 'built-in'})", "objective": cfg.objective.name,
                "defense": cfg.defense, "fdm": fdm.mode, "eps": f"{cfg.budget.eps:.4f} ({cfg.budget.eps * 255:.2f}/255)",
-               "steps": cfg.pgd.steps, "done": sum(e["status"] == "done" for e in manifest.entries()),
-               "failed": sum(e["status"] == "failed" for e in manifest.entries())}
+               "steps": cfg.pgd.steps, "done": sum(e["status"] == "done" for e in all_entries),
+               "failed": sum(e["status"] == "failed" for e in all_entries)}
     report.write_html(workdir, "tdae_jax protection report", entries, cfg.budget.eps, summary)

@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 
 from tdae_jax import checkpoint
 from tdae_jax.parallel import mesh as meshlib
+from tdae_jax.parallel import multihost
 
 
 def state_shardings(state: Any, batch_rows: int, mesh: Mesh) -> Any:
@@ -29,22 +30,28 @@ def state_shardings(state: Any, batch_rows: int, mesh: Mesh) -> Any:
 
 
 class Protector:
+    """Compiled, sharded optimisation loop. ``batch_size`` is the *global* batch (all processes);
+    each process passes its own ``local_batch_size`` rows to ``run`` (multihost.py)."""
+
     def __init__(self, init_fn: Callable, step_fn: Callable, mesh: Mesh, batch_size: int):
         d = mesh.devices.size
+        self.proc = multihost.info()
         self.batch_size = max(d, -(-batch_size // d) * d)
+        self.local_batch_size = self.batch_size // self.proc.count
         self.mesh = mesh
-        self._init_fn = init_fn
-        self._step_fn = step_fn
+        # the base key travels as raw uint32 key data (a global, replicated array in multi-process runs)
+        self._init_fn = lambda batch, kd: init_fn(batch, jax.random.wrap_key_data(kd))
+        self._step_fn = lambda state, batch, kd: step_fn(state, batch, jax.random.wrap_key_data(kd))
         self._step = None
         self._init = None
 
-    def _compile(self, batch: dict, base_key):
+    def _compile(self, batch: dict, key_data):
         if self._step is not None:
             return
         data_sh = meshlib.batch_sharding(self.mesh)
         repl = meshlib.replicated(self.mesh)
         batch_sh = data_sh  # a pytree prefix: every batch leaf is split over "data"
-        abstract = jax.eval_shape(self._init_fn, batch, base_key)
+        abstract = jax.eval_shape(self._init_fn, batch, key_data)
         self.state_sh = state_shardings(abstract, self.batch_size, self.mesh)
         self._init = jax.jit(self._init_fn, in_shardings=(batch_sh, repl), out_shardings=self.state_sh)
         self._step = jax.jit(
@@ -56,7 +63,8 @@ class Protector:
         self.abstract_state = abstract
 
     def pad(self, batch: dict, n: int) -> tuple[dict, np.ndarray]:
-        return meshlib.pad_batch(batch, n, self.batch_size)
+        """Pad this process's ``n`` rows to ``local_batch_size``."""
+        return meshlib.pad_batch(batch, n, self.local_batch_size)
 
     def run(
         self,
@@ -69,14 +77,16 @@ class Protector:
         meta: dict | None = None,
         on_iter: Callable[[int, dict], None] | None = None,
     ):
-        """Optimise one (unpadded) batch for ``steps`` iterations.
+        """Optimise this process's (unpadded) rows of one global batch for ``steps`` iterations.
 
-        Returns ``(delta [n,H,W,3] np.float32, history: dict name -> [n, steps] np.float32, resumed_from)``.
+        Every process must call ``run`` the same number of times with the same ``steps`` (SPMD); a process
+        with no rows left passes ``n_valid=0`` and a dummy row. Returns ``(delta [n,H,W,3] np.float32,
+        history: dict name -> [n, steps] np.float32, resumed_from)`` for this process's rows.
         """
-        padded, _ = self.pad(batch, n_valid)
-        padded = {k: jnp.asarray(v) for k, v in padded.items()}
-        self._compile(padded, base_key)
-        padded = meshlib.shard_batch(padded, self.mesh)
+        padded, _ = self.pad(batch, max(n_valid, 1))
+        padded = multihost.to_global(padded, meshlib.batch_sharding(self.mesh))
+        key_data = multihost.to_global(np.asarray(jax.random.key_data(base_key)), meshlib.replicated(self.mesh))
+        self._compile(padded, key_data)
         meta = dict(meta or {})
         history: dict[str, list] = {}
         start, resumed_from = 0, None
@@ -89,11 +99,11 @@ class Protector:
                 history = {k: list(v) for k, v in saved.get("history", {}).items()}
                 resumed_from = start
         if state is None:
-            state = self._init(padded, base_key)
+            state = self._init(padded, key_data)
         t0 = time.perf_counter()
         for i in range(start, steps):
-            state, m = self._step(state, padded, base_key)
-            host = jax.device_get(m)
+            state, m = self._step(state, padded, key_data)
+            host = {k: multihost.local_rows(v) for k, v in m.items()}
             for k, v in host.items():
                 history.setdefault(k, []).append(np.asarray(v)[:n_valid].astype(np.float32).tolist())
             if on_iter is not None:
@@ -101,6 +111,6 @@ class Protector:
                                 "done_here": i + 1 - start})
             if ckpt is not None and ckpt.enabled and i + 1 < steps:
                 ckpt.maybe_save(i + 1, state, {**meta, "history": history})
-        delta = np.asarray(jax.device_get(state.delta))[:n_valid]
-        hist = {k: np.asarray(v, np.float32).T.reshape(n_valid, -1) for k, v in history.items()}
+        delta = multihost.local_rows(state.delta)[:n_valid]
+        hist = {k: np.asarray(v, np.float32).reshape(len(v), n_valid).T for k, v in history.items()}
         return delta, hist, resumed_from

@@ -23,7 +23,6 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from tdae_jax.editors import schedulers
 
@@ -38,7 +37,8 @@ PIPELINE_DEFAULTS = {  # diffusers 0.39.0 __call__ defaults
     "inpaint": {"num_inference_steps": 50, "strength": 1.0},
 }
 FAMILY_SCHEDULER = {"sd": "pndm", "ip2p": "euler_ancestral", "inpaint": "ddim"}
-# Options of the shipped scheduler configs that a bare (class-less) scheduler config may lack: SD's PNDM skips PRK.
+# Options of the shipped SD configs that a bare scheduler config (tiny / miniature models) may lack: SD's PNDM
+# skips the PRK warm-up. Applied when the model's config does not set them; explicit options win.
 FAMILY_SCHEDULER_OPTIONS = {"pndm": {"skip_prk_steps": True}}
 STREAMS = {"encode": 1, "latents": 2, "masked": 3, "steps": 4}
 
@@ -82,6 +82,8 @@ class Editor:
             raise ValueError("InstructPix2Pix has no strength (it starts from pure noise)")
         if self.strength is not None and not 0.0 <= self.strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {self.strength}")
+        if self.num_inference_steps is not None and self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
         if self.eta < 0:
             raise ValueError(f"eta must be >= 0, got {self.eta}")
 
@@ -91,17 +93,14 @@ class Editor:
             raise ValueError(f"editor {self.kind!r} needs a {FAMILY[self.kind]!r} surrogate "
                              f"(UNet with the matching input channels), got family {surrogate.family!r}")
         d = PIPELINE_DEFAULTS[self.kind]
-        sched, opts = self.scheduler, dict(self.scheduler_options)
-        if sched is None:
-            name = surrogate.static.scheduler_config.get("_class_name")
-            sched = schedulers.CLASS_NAMES.get(name)
-            if sched is None:  # no (supported) class in the model's config: the family's shipped sampler
-                sched = FAMILY_SCHEDULER[surrogate.family]
-                shipped = FAMILY_SCHEDULER_OPTIONS.get(sched, {})
-                opts = {**{k: v for k, v in shipped.items() if k not in surrogate.static.scheduler_config}, **opts}
+        sched, opts, model_cfg = self.scheduler, dict(self.scheduler_options), surrogate.static.scheduler_config
+        if sched is None:  # the model's scheduler class, else (none or unsupported) the family's shipped sampler
+            sched = schedulers.CLASS_NAMES.get(model_cfg.get("_class_name"), FAMILY_SCHEDULER[surrogate.family])
+        shipped = FAMILY_SCHEDULER_OPTIONS.get(sched, {})
+        opts = {**{k: v for k, v in shipped.items() if k not in model_cfg}, **opts}
         return dataclasses.replace(
             self, scheduler=sched, scheduler_options=tuple(sorted(opts.items())),
-            num_inference_steps=d["num_inference_steps"] if self.num_inference_steps is None else self.num_inference_steps,
+            num_inference_steps=self.num_inference_steps or d["num_inference_steps"],
             strength=d["strength"] if self.strength is None else self.strength)
 
 
@@ -142,7 +141,8 @@ def get_noise(noise: Mapping | None, name: str, keys: jax.Array, shape) -> jax.A
 
 
 def get_step_noise(noise: Mapping | None, keys: jax.Array, plan: schedulers.Plan, shape) -> jax.Array | None:
-    """``[N,B,*shape]`` per-step noise of a stochastic scheduler (step ``i`` of image ``b``: fold_in(fold_in(key, 4), i))."""
+    """``[N,B,*shape]`` per-step noise of a stochastic scheduler (step ``i`` of image ``b``:
+    ``fold_in(fold_in(keys[b], 4), i)``)."""
     if not plan.stochastic:
         return None
     if noise is not None and noise.get("steps") is not None:

@@ -26,8 +26,10 @@ import numpy as np
 KINDS = ("ddim", "pndm", "euler", "euler_ancestral", "dpmpp_2m")
 CLASS_NAMES = {"DDIMScheduler": "ddim", "PNDMScheduler": "pndm", "EulerDiscreteScheduler": "euler",
                "EulerAncestralDiscreteScheduler": "euler_ancestral", "DPMSolverMultistepScheduler": "dpmpp_2m"}
-ALIASES = {"plms": "pndm", "dpm": "dpmpp_2m", "dpmsolver++": "dpmpp_2m", "dpm++": "dpmpp_2m", "euler_a": "euler_ancestral"}
-_COMMON = {"num_train_timesteps": 1000, "prediction_type": "epsilon", "steps_offset": 0, "rescale_betas_zero_snr": False}
+ALIASES = {"plms": "pndm", "dpm": "dpmpp_2m", "dpmsolver++": "dpmpp_2m", "dpm++": "dpmpp_2m",
+           "euler_a": "euler_ancestral"}
+_COMMON = {"num_train_timesteps": 1000, "prediction_type": "epsilon", "steps_offset": 0,
+           "rescale_betas_zero_snr": False}
 # __init__ defaults of the diffusers 0.39.0 classes (what ``Class.from_config(cfg)`` fills in for absent keys).
 DEFAULTS = {
     "ddim": {**_COMMON, "clip_sample": True, "set_alpha_to_one": True, "thresholding": False, "clip_sample_range": 1.0,
@@ -68,7 +70,8 @@ def canonical(kind: str) -> str:
 def resolve_config(kind: str, scheduler_config: Mapping[str, Any], prediction_type: str,
                    overrides: Mapping[str, Any] = ()) -> dict:
     """``Class.from_config(scheduler_config, **overrides)`` semantics: class defaults, then the keys of the model's
-    scheduler config the class knows, then ``overrides`` (which must be known keys). ``prediction_type`` is the model's."""
+    scheduler config the class knows, then ``overrides`` (which must be known keys). ``prediction_type`` is the
+    model's."""
     kind = canonical(kind)
     cfg = dict(DEFAULTS[kind])
     cfg.update({k: v for k, v in dict(scheduler_config).items() if k in cfg})

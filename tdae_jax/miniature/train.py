@@ -232,6 +232,7 @@ def optimizer(opt: Optim) -> optax.GradientTransformation:
 
 
 def init_state(params, opt: Optim) -> dict:
+    params = jax.tree.map(jnp.array, params)   # a copy: the train step donates its state
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer(opt).init(params),
             "ema": jax.tree.map(jnp.copy, params)}
 
@@ -249,7 +250,7 @@ def make_step(loss_fn: Callable, opt: Optim):
         n = state["step"].astype(jnp.float32)
         d = jnp.minimum(opt.ema_decay, (1.0 + n) / (10.0 + n))
         ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state["ema"], params)
-        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "ema": ema}, metrics
 
     return jax.jit(step, donate_argnums=0)

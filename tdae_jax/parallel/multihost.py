@@ -44,8 +44,8 @@ def initialize(mode: str = "off", coordinator: str = "", num_processes: int = 0,
         process_id = int(os.environ.get("TDAE_PROCESS_ID", "-1") or -1)
     if mode == "off" and not coordinator:
         return ProcessInfo()
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # CPU collectives over gloo (only affects the CPU client; must not touch the backend before initialize)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if mode == "auto" and not coordinator:
         jax.distributed.initialize()
     else:
