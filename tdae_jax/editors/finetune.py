@@ -63,6 +63,12 @@ class FinetuneConfig:
             raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
 
+    def trace_key(self) -> "FinetuneConfig":
+        """The fields a compiled train step depends on (steps, batch size, lr and weight decay are not: the
+        learning rate and decay live in the optimizer state), so runs that differ only there share one
+        compilation."""
+        return dataclasses.replace(self, steps=0, batch_size=1, lr=1.0, weight_decay=0.0)
+
 
 class TrainState(NamedTuple):
     """``trainable``: ``{"unet": ..., ["text_encoder": ...]}`` (DreamBooth) or ``{"lora": {path: {"a", "b"}}}``."""
@@ -73,7 +79,9 @@ class TrainState(NamedTuple):
 
 
 def optimizer(cfg: FinetuneConfig) -> optax.GradientTransformation:
-    adam = optax.adamw(cfg.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay)
+    """clip + AdamW with lr and weight decay as injected hyper-parameters (read from the state in update)."""
+    adam = optax.inject_hyperparams(optax.adamw)(learning_rate=cfg.lr, b1=0.9, b2=0.999, eps=1e-8,
+                                                 weight_decay=cfg.weight_decay)
     return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adam) if cfg.max_grad_norm > 0 else adam
 
 
@@ -303,7 +311,7 @@ def finetune(surrogate, images, prompt: str | Sequence[str], cfg: FinetuneConfig
             else:
                 batch["prior_ids"] = np.repeat(pids, cfg.batch_size, 0)
         batch = meshlib.shard_batch(batch, mesh)
-        state, m = train_step_jit(state, frozen, batch, base, cfg)
+        state, m = train_step_jit(state, frozen, batch, base, cfg.trace_key())
         for k, v in jax.device_get(m).items():
             history.setdefault(k, []).append(float(v))
         if log is not None:

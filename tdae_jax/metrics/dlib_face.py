@@ -218,7 +218,8 @@ def load(path: str | None = None) -> tuple[IdentityEncoder, dict]:
     arch, params = plan(parse_dat(path))
     avg = params.pop("avg_rgb")
     params = jax.tree.map(jnp.asarray, params)
-    enc = IdentityEncoder("dlib_resnet_v1", DlibResNet(tuple(arch)), CHIP_SIZE, _preprocess(avg), chip_affine)
+    enc = IdentityEncoder("dlib_resnet_v1", DlibResNet(tuple(arch)), CHIP_SIZE, _preprocess(avg), chip_affine,
+                          landmark_format="dlib")
     return enc, params
 
 
@@ -260,16 +261,27 @@ def landmarks(image, box=None, upsample: int = 1) -> np.ndarray | None:
 
 
 def to_arcface_order(lm5_dlib: np.ndarray) -> np.ndarray:
-    """dlib 5 points -> insightface 5 points. dlib has no mouth corners: they are estimated below the nose
-    from the eye geometry (a documented approximation; pass detector landmarks when you have them)."""
+    """dlib 5 points -> insightface's 5 (image-left eye, image-right eye, nose, mouth left, mouth right).
+
+    dlib has eye corners and the nose base but no mouth: eye centres are the corner midpoints, the nose is
+    dlib's point 4, and the mouth corners are placed from the eye geometry with the ArcFace template's
+    proportions (mouth centre 1.154 eye distances below the eye centre, half width 0.414): a documented
+    approximation; pass detector landmarks with mouth corners when you have them."""
     p = np.asarray(lm5_dlib, np.float64)
-    left_eye = (p[2] + p[3]) / 2  # subject's right eye = image left (insightface "left eye" = image left)
-    right_eye = (p[0] + p[1]) / 2
-    nose = p[4]
-    eye_c, ex = (left_eye + right_eye) / 2, right_eye - left_eye
+    left_eye, right_eye = (p[2] + p[3]) / 2, (p[0] + p[1]) / 2  # dlib 0-1: image-right eye, 2-3: image-left
+    ex = right_eye - left_eye
     down = np.array([-ex[1], ex[0]])  # perpendicular, pointing down in image coordinates
-    mouth_c = nose + down * 0.47
-    return np.stack([left_eye, right_eye, nose, mouth_c - ex * 0.41, mouth_c + ex * 0.41])
+    mouth_c = (left_eye + right_eye) / 2 + down * 1.154
+    return np.stack([left_eye, right_eye, p[4], mouth_c - ex * 0.414, mouth_c + ex * 0.414])
+
+
+def from_arcface_order(lm5_arcface: np.ndarray) -> np.ndarray:
+    """insightface 5 points -> dlib's 5 (approximate: eye corners at +-0.2 eye distances from the centres,
+    the nose base 0.1 eye distances below the nose tip)."""
+    p = np.asarray(lm5_arcface, np.float64)
+    ex = p[1] - p[0]
+    down = np.array([-ex[1], ex[0]])
+    return np.stack([p[1] + 0.2 * ex, p[1] - 0.2 * ex, p[0] - 0.2 * ex, p[0] + 0.2 * ex, p[2] + 0.1 * down])
 
 
 def chip_affine(lm5_dlib, size: int = CHIP_SIZE, padding: float = CHIP_PADDING) -> np.ndarray:

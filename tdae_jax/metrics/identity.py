@@ -78,13 +78,14 @@ class IdentityEncoder:
     """A face-recognition model (hashable by identity: a static jit argument).
 
     ``module.apply({"params": params}, preprocess(faces))`` gives ``[B,D]``; ``size``: input side;
-    ``aligner``: landmarks ``[5,2]`` -> ``M [2,3]`` (image -> crop pixels)."""
+    ``aligner``: landmarks ``[5,2]`` (in ``landmark_format`` order) -> ``M [2,3]`` (image -> crop pixels)."""
 
     name: str
     module: nn.Module
     size: int
     preprocess: Callable[[jax.Array], jax.Array]
     aligner: Callable[[np.ndarray], np.ndarray]
+    landmark_format: str = "arcface"  # which 5-point convention ``aligner`` expects: arcface | dlib
 
     __hash__ = object.__hash__
 

@@ -48,7 +48,8 @@ FAMILY = "sd"
 PIPELINES = {"sd": "StableDiffusionPipeline", "ip2p": "StableDiffusionInstructPix2PixPipeline",
              "inpaint": "StableDiffusionInpaintPipeline"}
 SD_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-                "prediction_type": "epsilon", "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
+                "prediction_type": "epsilon", "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
+                "skip_prk_steps": True}
 
 
 # ---------------------------------------------------------------------------------------------- modules

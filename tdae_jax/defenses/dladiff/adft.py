@@ -62,6 +62,12 @@ class ADFTConfig:
         if min(self.epochs, self.iter1, self.iter2, self.iter3) < 0:
             raise ValueError("epochs and iter1/2/3 must be >= 0")
 
+    def trace_key(self) -> "ADFTConfig":
+        """What the compiled stage steps depend on (iteration counts and the stage-3 optimizer are not)."""
+        return ADFTConfig(eps=self.eps, step_size=self.step_size, epochs=0, iter1=0, iter2=0, iter3=0, lr=1.0,
+                          weight_decay=0.0, layers=self.layers, w_cross=self.w_cross, w_self=self.w_self,
+                          update=self.update, latent_sample=self.latent_sample)
+
     def stage3(self, batch_size: int) -> ft.FinetuneConfig:
         return ft.FinetuneConfig(method="dreambooth", steps=self.iter3, batch_size=batch_size, lr=self.lr,
                                  weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm,
@@ -77,6 +83,12 @@ class PerturbState(NamedTuple):
 class ADFTState(NamedTuple):
     perturb: PerturbState
     dynamic: ft.TrainState  # UNet_d params + AdamW state
+
+
+def pgd_view(cfg) -> "ADFTConfig":
+    """An ADFT trace key from any config with eps/step_size/update/latent_sample (the baselines')."""
+    return ADFTConfig(eps=cfg.eps, step_size=cfg.step_size, epochs=0, iter1=0, iter2=0, iter3=0, lr=1.0,
+                      weight_decay=0.0, update=cfg.update, latent_sample=cfg.latent_sample)
 
 
 def image_optimizer(cfg) -> optax.GradientTransformation:
@@ -153,7 +165,7 @@ def train_on(dynamic: ft.TrainState, frozen, x, uid, emb, base_key, ftcfg: ft.Fi
         draw = int(dynamic.step) * b + np.arange(b, dtype=np.int32)
         batch = {"x0": x, "uid": uid, "draw": jnp.asarray(draw), "emb": emb, **(prior or {})}
         batch = meshlib.shard_batch(batch, mesh)
-        dynamic, m = ft.train_step_jit(dynamic, frozen, batch, key, ftcfg)
+        dynamic, m = ft.train_step_jit(dynamic, frozen, batch, key, ftcfg.trace_key())
         losses.append(float(m["loss"]))
     return dynamic, losses
 
@@ -166,11 +178,12 @@ def run_epoch(state: ADFTState, base_sur, static_unet, batch: dict, base_key, cf
         raise ValueError("ADFTConfig.layers is not resolved (dsur.select_layers)")
     p, dyn = state
     hist = {"adft/att": [], "adft/cond": [], "adft/train": []}
+    key_cfg = cfg.trace_key()
     for _ in range(cfg.iter1):
-        p, m = stage1_jit(p, base_sur, static_unet, dyn.trainable["unet"], batch, base_key, cfg)
+        p, m = stage1_jit(p, base_sur, static_unet, dyn.trainable["unet"], batch, base_key, key_cfg)
         hist["adft/att"].append(np.asarray(m["adft/att"]))
     for _ in range(cfg.iter2):
-        p, m = stage2_jit(p, base_sur, dyn.trainable["unet"], batch, base_key, cfg)
+        p, m = stage2_jit(p, base_sur, dyn.trainable["unet"], batch, base_key, pgd_view(cfg))
         hist["adft/cond"].append(np.asarray(m["adft/cond"]))
     if cfg.iter3:
         x_adv = jnp.clip(batch["x0"] + p.delta, 0.0, 1.0)
