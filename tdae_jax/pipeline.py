@@ -237,7 +237,7 @@ def run(cfg: RunConfig, progress: Callable[[str], None] = log.info) -> RunResult
                 eta = rate * (total_iters - done_iters)
                 eta_s = f"ETA {eta:.0f}s" if eta == eta else "ETA (compiling)"
                 progress(f"batch {bi + 1}/{len(work)} ({len(ids)} img) iter {it}/{cfg.pgd.steps} "
-                         f"loss={np.mean(info['loss']):.5g} elapsed {now - t_run:.0f}s {eta_s}")
+                         f"loss={np.mean(info['loss']) if len(info['loss']) else float('nan'):.5g} elapsed {now - t_run:.0f}s {eta_s}")
 
         for i in ids:
             manifest.mark(i, "running")

@@ -212,9 +212,7 @@ def protect(surrogate, static_unet, x0, uid, emb, cfg: ADFTConfig, base_key, *, 
                                  "emb": jnp.asarray(emb)}, mesh)
     base = meshlib.replicate(surrogate, mesh)
     static_unet = meshlib.replicate(static_unet, mesh)
-    if state is None:
-        state = init_state(surrogate, x0, cfg)
-    state = ADFTState(_place_perturb(state.perturb, mesh), meshlib.replicate(state.dynamic, mesh))
+    state = place_state(init_state(surrogate, x0, cfg) if state is None else state, mesh)
     frozen = ft.frozen_part(base, cfg.stage3(np.shape(x0)[0]))
     history: dict[str, list] = {}
     for ep in range(start_epoch, cfg.epochs):
@@ -224,6 +222,11 @@ def protect(surrogate, static_unet, x0, uid, emb, cfg: ADFTConfig, base_key, *, 
         if on_epoch is not None:
             on_epoch(ep + 1, state, h)
     return state, history
+
+
+def place_state(state: ADFTState, mesh) -> ADFTState:
+    """delta sharded over ``data``; counters, UNet_d and its optimizer state replicated."""
+    return ADFTState(_place_perturb(state.perturb, mesh), meshlib.replicate(state.dynamic, mesh))
 
 
 def _place_perturb(p: PerturbState, mesh) -> PerturbState:
