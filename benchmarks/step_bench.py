@@ -294,35 +294,41 @@ def cmd_encoder(args):
         state = init(batch)
         compiled, compile_s = compile_step(step, params, state, batch, key)
         ref = _torch_ref.EncoderPGD(tvae, np.asarray(batch["x0"]), args.eps, args.alpha)
-        jt, tt = [], []
+        jt, tt, jc, tc = [], [], [], []
         for i in range(args.warmup + args.iters):
             order = ("jax", "torch") if i % 2 == 0 else ("torch", "jax")
-            dts = {}
+            dts, cpu = {}, {}
             for who in order:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 if who == "jax":
                     state, metrics = block(compiled(params, state, batch, key))
-                    dts[who] = time.perf_counter() - t0
+                    dts[who], cpu[who] = time.perf_counter() - t0, time.process_time() - c0
                     if i == 0:
                         jax_loss0, jax_delta1 = float(metrics["loss"][0]), np.asarray(state.delta)
                 else:
                     loss = ref.step()
-                    dts[who] = time.perf_counter() - t0
+                    dts[who], cpu[who] = time.perf_counter() - t0, time.process_time() - c0
                     if i == 0:
                         torch_loss0, torch_delta1 = loss, ref.delta_nhwc()
             if i >= args.warmup:
                 jt.append(dts["jax"])
                 tt.append(dts["torch"])
-            print(f"#   {size}px iter {i}{' (warm-up)' if i < args.warmup else ''}: jax {dts['jax']:.3f} s, "
-                  f"torch {dts['torch']:.3f} s (first: {order[0]})", flush=True)
+                jc.append(cpu["jax"])
+                tc.append(cpu["torch"])
+            print(f"#   {size}px iter {i}{' (warm-up)' if i < args.warmup else ''}: jax {dts['jax']:.3f} s "
+                  f"(cpu {cpu['jax']:.3f}), torch {dts['torch']:.3f} s (cpu {cpu['torch']:.3f}), first: {order[0]}, "
+                  f"load {os.getloadavg()[0]:.1f}", flush=True)
         agree = float(np.mean(np.abs(jax_delta1 - torch_delta1) < 1e-6))
         rel = abs(jax_loss0 - torch_loss0) / abs(torch_loss0)
         print(f"# {size}px: jax s/it {fmt_times(jt)}, torch s/it {fmt_times(tt)}, compile {compile_s:.1f} s; "
               f"loss0 jax {jax_loss0:.6g} torch {torch_loss0:.6g}", flush=True)
-        rows.append((size, f"{med(jt):.3f}", f"{med(tt):.3f}", f"{med(tt) / med(jt):.2f}", f"{rel:.1e}",
-                     f"{agree:.4f}", f"{compile_s:.1f}"))
-    table(("size px", "jax s/it", "torch s/it", "torch/jax", "loss0 rel err", "step-1 delta agree", "jax compile s"),
-          rows)
+        rows.append((size, f"{med(jt):.3f}", f"{med(tt):.3f}", f"{med(tt) / med(jt):.2f}", f"{med(jc):.3f}",
+                     f"{med(tc):.3f}", f"{rel:.1e}", f"{agree:.4f}", f"{compile_s:.1f}"))
+    table(("size px", "jax s/it", "torch s/it", "torch/jax", "jax cpu-s/it", "torch cpu-s/it", "loss0 rel err",
+           "step-1 delta agree", "jax compile s"), rows)
+    print("# s/it: median wall seconds per iteration (the comparison); cpu-s/it: median process CPU seconds "
+          "(all threads; torch's OpenMP spin-waits count too); step-1 delta agree: fraction of pixels where both "
+          "first updates are equal (1e-6)")
 
 
 # ---------------------------------------------------------------------------------------------- tdae
@@ -344,23 +350,25 @@ def cmd_tdae(args):
                                              denoise_steps=args.denoise_steps, tpa_n=args.tpa_n)
                 state = init(batch)
                 compiled, compile_s = compile_step(step, params, state, batch, key)
-                combos[(host, variant)] = {"fn": compiled, "state": state, "compile": compile_s, "times": []}
+                combos[(host, variant)] = {"fn": compiled, "state": state, "compile": compile_s, "times": [],
+                                         "cpu": []}
                 print(f"#   {arch} {host} {variant}: compiled in {compile_s:.1f} s", flush=True)
         for i in range(args.warmup + args.iters):
             for (host, variant), c in combos.items():
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 c["state"], metrics = block(c["fn"](params, c["state"], batch, key))
-                dt = time.perf_counter() - t0
+                dt, dc = time.perf_counter() - t0, time.process_time() - c0
                 if i >= args.warmup:
                     c["times"].append(dt)
+                    c["cpu"].append(dc)
                 if i == 0:
                     c["loss0"] = float(metrics["loss"][0])
                     c["gnorm0"] = float(metrics["grad_norm"][0])
-                print(f"#   {arch} round {i}{' (warm-up)' if i < args.warmup else ''} {host} {variant}: {dt:.2f} s",
-                      flush=True)
+                print(f"#   {arch} round {i}{' (warm-up)' if i < args.warmup else ''} {host} {variant}: {dt:.2f} s "
+                      f"(cpu {dc:.2f} s, load {os.getloadavg()[0]:.1f})", flush=True)
         for (host, variant), c in combos.items():
             bad = "" if np.isfinite(c["loss0"]) and np.isfinite(c["gnorm0"]) and c["gnorm0"] > 0 else "  <-- NOT FINITE/ZERO"
-            print(f"# {arch} {host} {variant}: s/it {fmt_times(c['times'])}, compile {c['compile']:.1f} s, "
+            print(f"# {arch} {host} {variant}: s/it {fmt_times(c['times'])}, cpu-s/it {fmt_times(c['cpu'])}, compile {c['compile']:.1f} s, "
                   f"loss0 {c['loss0']:.5g}, |grad|0 {c['gnorm0']:.3g}{bad}")
         header = ["arch", "host"] + [f"{VARIANT_LABEL[v]} s/it" for v in args.variants]
         ratios = [("fd", "host", "FDM(fd)/host"), ("exact", "host", "FDM(exact)/host"), ("tpa", "fd", "TPA/FDM(fd)")]
@@ -372,6 +380,10 @@ def cmd_tdae(args):
             rows.append([arch, host] + [f"{m[v]:.2f}" for v in args.variants]
                         + [f"{m[a] / m[b]:.2f}" for a, b, _ in ratios])
         table(header, rows)
+        print(f"# {arch}: the same ratios from median process CPU seconds per iteration:")
+        table(["arch", "host"] + [r[2] for r in ratios],
+              [[arch, host] + [f"{med(combos[(host, a)]['cpu']) / med(combos[(host, b)]['cpu']):.2f}"
+                               for a, b, _ in ratios] for host in args.hosts])
         del combos, params
 
 

@@ -54,6 +54,9 @@ def define_protect_flags():
     DEFINE_bool("retry_failed", False, "On resume, retry inputs that failed before.")
     DEFINE_bool("report", True, "Write report.html.")
     DEFINE_integer("log_every", 10, "Progress line every k iterations.")
+    DEFINE_bool("preview_edit", False, "Report: the surrogate's own edit of the original and of the protected "
+                "image (same prompt, same noise).")
+    DEFINE_integer("preview_steps", 20, "Denoising steps of the preview edit.")
     DEFINE_string("default_prompt", "make it a watercolor painting",
                         "Edit instruction / caption used for images without a prompts row.")
     # multi-host (tdae_jax/parallel/multihost.py; launch/*.sh)
@@ -84,6 +87,12 @@ def define_protect_flags():
     DEFINE_integer("dpd_steps", 20, "DPD inner steps M (TDAE v1: 20).")
     DEFINE_float("dpd_step_size", 2.0 / 255.0, "DPD text step eta (TDAE v1: 2/255).")
     DEFINE_float("dpd_eps", 8.0 / 255.0, "DPD L_inf text budget eps_p (TDAE v1: 8/255).")
+    DEFINE_float("dpd_eps_t5", -1.0, "SD3: separate DPD budget of the T5 rows of prompt_embeds (the CLIP rows keep "
+                 "--dpd_eps; per-segment range clamp; CLIP zero padding fixed); <0 = one budget for all rows.")
+    # EOT (tdae_jax/eot.py): objective averaged over differentiable purifications
+    DEFINE_string("eot", "", "EOT transforms averaged in the objective: jpeg<q>, resize<f>, blur<sigma>, noise<s/255>, "
+                  "identity (e.g. jpeg75,resize0.5,blur1,noise4); empty = off.")
+    DEFINE_integer("eot_samples", 1, "EOT draws per transform (cost: transforms x samples objective evaluations).")
 
 
 def run_config_from_flags(F):
@@ -102,10 +111,12 @@ def run_config_from_flags(F):
         pgd=configs.PGD(step_size=F.step_size, steps=F.steps, step_decay=F.step_decay, random_start=F.random_start),
         fdm=configs.FDM(mode=F.fdm_mode, beta=F.fdm_beta, h=F.fdm_h),
         tpa=configs.TPA(n=F.tpa_n, b=None if F.tpa_b < 0 else F.tpa_b, k=F.tpa_k, beta=F.tpa_beta),
-        dpd=configs.DPD(period=F.dpd_period, steps=F.dpd_steps, step_size=F.dpd_step_size, eps=F.dpd_eps),
+        dpd=configs.DPD(period=F.dpd_period, steps=F.dpd_steps, step_size=F.dpd_step_size, eps=F.dpd_eps,
+                        eps_t5=None if F.dpd_eps_t5 < 0 else F.dpd_eps_t5),
         batch_size=F.batch_size, seed=F.seed, size=None if F.resize == "none" else F.size, resize=F.resize,
         num_devices=F.num_devices or None, ckpt_every=F.ckpt_every, retry_failed=F.retry_failed, report=F.report,
-        log_every=F.log_every, default_prompt=F.default_prompt,
+        log_every=F.log_every, default_prompt=F.default_prompt, preview_edit=F.preview_edit,
+        preview_steps=F.preview_steps, eot=F.eot, eot_samples=F.eot_samples,
     )
 
 

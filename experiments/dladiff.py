@@ -22,11 +22,12 @@ from experiments import common
 FLAGS = flags.FLAGS
 
 
-def _define(kind: str, name: str, default, help_: str, **kw):
-    """Define a flag once: the IO flags are shared (same meaning) with experiments.tdae in one process."""
+def _define(kind: str, name: str, default, *args):
+    """Define a flag once: the IO flags are shared (same meaning) with experiments.tdae in one process.
+    ``args``: the help string (enum: the choices, then the help string)."""
     if name in FLAGS:
         return
-    common._track(getattr(flags, f"DEFINE_{kind}"))(name, default, help_, **kw)
+    common._track(getattr(flags, f"DEFINE_{kind}"))(name, default, *args)
 
 
 def define_flags():

@@ -74,6 +74,12 @@ class DPD:
     eps: float = 8.0 / 255.0
     clamp_to_range: bool = True  # v1's [min c, max c] clamp
     resample_noise: bool = False  # False: one key (one xi) for all M steps of a round; True: fresh per step
+    # SD3 (TDAE spec §7, SD3.md §4): prompt_embeds = [CLIP rows 0:clip_tokens | T5 rows clip_tokens:]. With eps_t5
+    # set, the T5 rows get their own budget eps_t5 (the CLIP rows keep eps), the range clamp is per segment,
+    # and the CLIP rows' structural zero padding (channels 0 on every CLIP row of c) is never perturbed.
+    # None: one budget eps for every row (SD1.x / IP2P behaviour).
+    eps_t5: float | None = None
+    clip_tokens: int = 77
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,9 +6,9 @@ the same with blur / flip / resize).
 Differentiable transforms (all ``x: [B,H,W,3] float32 in [0,1] -> [B,H,W,3] in [0,1]``, ``keys: [B]``):
 
 - ``jpeg<q>`` (default q = 75): a JPEG round trip as libjpeg/PIL does it at quality q (baseline, 4:2:0):
-  RGB -> YCbCr (JFIF full range, rounded to 8 bit), 2x2 chroma averaging, level shift, 8x8 DCT-II,
-  quantization with the IJG tables scaled by q (``jpeg_quality_scaling``, clamped to [1, 255]),
-  dequantization, IDCT, chroma "fancy" (triangle) upsampling, YCbCr -> RGB, rounding to 8 bit.
+  RGB -> YCbCr (JFIF full range, rounded to 8 bit), 2x2 chroma averaging (libjpeg's biased integer mean),
+  level shift, 8x8 DCT-II, quantization with the IJG tables scaled by q (``jpeg_quality_scaling``, clamped to
+  [1, 255]), dequantization, IDCT, chroma "fancy" (triangle) upsampling to 8 bit, YCbCr -> RGB, 8 bit.
   Every rounding is ``round_ste`` (forward: exact rounding; backward: identity, Bengio et al. 2013) or,
   with ``rounding="cubic"``, ``round(x) + (x - round(x))^3`` (Shin & Song 2017, "JPEG-resistant
   adversarial images"). Edges are replicated to whole 16x16 MCUs, as libjpeg does.
@@ -131,6 +131,15 @@ def _code_plane(p: jax.Array, table: np.ndarray, rnd) -> jax.Array:
     return jnp.clip(rnd(_unblocks(r) + 128.0), 0.0, 255.0)
 
 
+def _downsample2(c: jax.Array) -> jax.Array:
+    """libjpeg's h2v2_downsample: ``(sum of the 2x2 block + bias) >> 2`` with bias 1, 2, 1, 2, ... along the
+    row (floor with a straight-through gradient)."""
+    b, h, w = c.shape
+    s = c.reshape(b, h // 2, 2, w // 2, 2).sum(axis=(2, 4))
+    v = (s + jnp.asarray(1.0 + (np.arange(w // 2) % 2), jnp.float32)) / 4.0
+    return v + lax.stop_gradient(jnp.floor(v) - v)
+
+
 def _upsample2(p: jax.Array) -> jax.Array:
     """libjpeg's h2v2 "fancy" upsampling: separable 3/4-1/4 triangle filter, edges replicated."""
     def up(a, axis):
@@ -158,10 +167,9 @@ def jpeg(x: jax.Array, quality: float = 75.0, rounding: str = "ste") -> jax.Arra
     y = rnd(0.299 * r + 0.587 * g + 0.114 * bl)
     cb = rnd(-0.168735892 * r - 0.331264108 * g + 0.5 * bl + 128.0)
     cr = rnd(0.5 * r - 0.418687589 * g - 0.081312411 * bl + 128.0)
-    sub = lambda c: c.reshape(b, c.shape[1] // 2, 2, c.shape[2] // 2, 2).mean(axis=(2, 4))  # noqa: E731
     y = _code_plane(y, lt, rnd)
-    cb = _upsample2(_code_plane(rnd(sub(cb)), ct, rnd)) - 128.0
-    cr = _upsample2(_code_plane(rnd(sub(cr)), ct, rnd)) - 128.0
+    cb = rnd(_upsample2(_code_plane(_downsample2(cb), ct, rnd))) - 128.0
+    cr = rnd(_upsample2(_code_plane(_downsample2(cr), ct, rnd))) - 128.0
     rgb = jnp.stack([y + 1.402 * cr, y - 0.344136286 * cb - 0.714136286 * cr, y + 1.772 * cb], axis=-1)
     return (jnp.clip(rnd(rgb), 0.0, 255.0) / 255.0)[:, :h, :w, :]
 

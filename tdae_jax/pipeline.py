@@ -22,8 +22,10 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 from tdae_jax import checkpoint, configs, objectives, prng
+from tdae_jax import eot as eot_lib
 from tdae_jax.data import io as dio
 from tdae_jax.data.manifest import Manifest, find_prompt
 from tdae_jax.defenses import tdae as tdae_defense
@@ -66,6 +68,10 @@ class RunConfig:
     retry_failed: bool = False
     report: bool = True
     log_every: int = 10
+    eot: str = ""  # EOT transforms averaged in the objective, e.g. "jpeg75,resize0.5" (tdae_jax/eot.py)
+    eot_samples: int = 1
+    preview_edit: bool = False  # report: edit(original) | edit(protected) with the surrogate's own editor
+    preview_steps: int = 20
 
     def defense_configs(self):
         """(fdm, tpa, dpd) as selected by ``defense`` (the flags' fdm_mode etc. fill in the details)."""
@@ -101,6 +107,8 @@ def git_revision() -> str:
 def _tiny(family: str):
     from tdae_jax import models
 
+    log.warning("no --weights_dir: using the built-in tiny random %s surrogate (plumbing only: its "
+                "protection is not meaningful)", family)
     return models.tiny(family, seed=0)
 
 
@@ -109,8 +117,6 @@ def load_surrogate(cfg: RunConfig):
 
     try:
         if not cfg.weights_dir:
-            log.warning("no --weights_dir: using the built-in tiny random %s surrogate (plumbing only: its "
-                        "protection is not meaningful)", cfg.surrogate)
             return _tiny(cfg.surrogate)
         return models.load(cfg.surrogate, cfg.weights_dir)
     except (OSError, ValueError) as e:
@@ -142,6 +148,21 @@ def run(cfg: RunConfig, progress: Callable[[str], None] = log.info) -> RunResult
         except (dio.DataError, OSError) as e:
             raise UsageError(str(e)) from e
     fdm, tpa, dpd = cfg.defense_configs()
+    if cfg.surrogate == "sd3" and cfg.objective.name == "sa":
+        raise UsageError("objective 'sa' is not applicable to an SD3 surrogate: SD3 (MMDiT) has one joint "
+                         "image+text attention and no UNet cross-attention maps (TDAE runs SA on SD3 only as a "
+                         "transfer target)")
+    if dpd.enabled and not objectives.uses_text(cfg.objective.name):
+        # the objective ignores the text embedding, so DPD's text gradient is 0 and the round a no-op
+        log.warning("objective %s does not use the text condition: DPD has no effect, running without it",
+                    cfg.objective.name)
+        dpd = dataclasses.replace(dpd, enabled=False)
+    try:
+        eot_transforms = eot_lib.parse_transforms(cfg.eot)
+        if cfg.eot_samples < 1:
+            raise ValueError(f"--eot_samples must be >= 1, got {cfg.eot_samples}")
+    except ValueError as e:
+        raise UsageError(f"--eot: {e}") from e
     sur = load_surrogate(cfg)
     proc = multihost.info()
     if proc.count > 1 and cfg.resize == "none":
@@ -164,6 +185,7 @@ def run(cfg: RunConfig, progress: Callable[[str], None] = log.info) -> RunResult
             manifest.add_failure(f"prompt:{problem.key or problem.line}", str(problem), source=problem.file)
 
     loss_fn = objectives.make_objective(cfg.objective.name, sur, cfg.objective)
+    loss_fn = eot_lib.wrap_objective(loss_fn, eot_transforms, cfg.eot_samples)  # identity when --eot is empty
     pgd_cfg = cfg.pgd
     if objectives.needs_random_start(cfg.objective.name) and pgd_cfg.random_start == 0:
         pgd_cfg = dataclasses.replace(pgd_cfg, random_start=0.25)
@@ -216,7 +238,9 @@ def run(cfg: RunConfig, progress: Callable[[str], None] = log.info) -> RunResult
             x0 = np.zeros((1, cfg.size, cfg.size, 3), np.float32)
             texts = [""]
         batch = {"x0": x0, "uid": prng.uids(ids or ["<pad>"])}
-        if uses_text:
+        if uses_text and sur.family == "sd3":  # emb = prompt_embeds (DPD's variable); pooled fixed (models/sd3.py)
+            batch.update(sur.text_batch(texts))
+        elif uses_text:
             token_ids = sur.tokenize(texts)
             batch["emb"] = np.asarray(embed(token_ids))
             batch["uncond"] = np.asarray(embed(sur.tokenize([""] * len(texts))))
@@ -239,8 +263,8 @@ def run(cfg: RunConfig, progress: Callable[[str], None] = log.info) -> RunResult
                 progress(f"batch {bi + 1}/{len(work)} ({len(ids)} img) iter {it}/{cfg.pgd.steps} "
                          f"loss={np.mean(info['loss']) if len(info['loss']) else float('nan'):.5g} elapsed {now - t_run:.0f}s {eta_s}")
 
-        for i in ids:
-            manifest.mark(i, "running")
+        for i, text in zip(ids, texts):
+            manifest.mark(i, "running", outputs={"prompt": text})
         try:
             delta, hist, resumed = protector.run(batch, len(ids), cfg.pgd.steps, base, ckpt=ckpt, meta=meta,
                                                  on_iter=on_iter)
@@ -314,6 +338,24 @@ def _write_flags_summary(workdir: Path, cfg: RunConfig):
     dio.atomic_write_bytes(workdir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1, default=str).encode())
 
 
+def _preview(cfg, entry, original, protected):
+    """The surrogate editing the original and the protected image with the same prompt and noise."""
+    from tdae_jax import editors
+
+    sur = load_surrogate(cfg)
+    kind = {"sd": "img2img", "ip2p": "ip2p", "inpaint": "inpaint", "sd3": "sd3_img2img"}[sur.family]
+    fn = editors.make_editor(kind, sur, num_inference_steps=cfg.preview_steps)
+    prompt = (entry.get("outputs") or {}).get("prompt") or cfg.default_prompt
+    pair = [original, protected]
+    h, w = (cfg.size, cfg.size) if cfg.size else original.shape[:2]
+    x = np.stack([np.asarray(Image.fromarray(a).resize((w, h), Image.Resampling.LANCZOS)) for a in pair])
+    key = jax.random.fold_in(prng.base_key(cfg.seed), prng.image_uid(entry["id"]))
+    keys = jnp.stack([key, key])  # same noise for both edits
+    out = fn.from_prompts(jnp.asarray(x, jnp.float32) / 255.0, [prompt, prompt], keys)
+    out = np.asarray(jnp.clip(out, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return out[0], out[1]
+
+
 def _write_report(cfg, workdir, all_entries, curves):
     entries = []
     for e in all_entries:
@@ -325,6 +367,12 @@ def _write_report(cfg, workdir, all_entries, curves):
                 item["protected"] = dio.read_back_uint8(workdir / e["outputs"]["protected"])
             except Exception as err:  # noqa: BLE001 - the report must not fail the run
                 item["error"] = f"report: {err}"
+            if cfg.preview_edit and "protected" in item:
+                try:
+                    item["edit_original"], item["edit_protected"] = _preview(cfg, e, item["original"],
+                                                                             item["protected"])
+                except Exception as err:  # noqa: BLE001 - a failing preview must not fail the run
+                    log.warning("%s: preview edit failed: %s", e["id"], err)
             curve = curves.get(e["id"])
             if curve is None and (workdir / "curves" / f"{e['id']}.json").exists():
                 curve = json.loads((workdir / "curves" / f"{e['id']}.json").read_text()).get("loss")
@@ -333,6 +381,7 @@ def _write_report(cfg, workdir, all_entries, curves):
     fdm, tpa, dpd = cfg.defense_configs()
     summary = {"surrogate": f"{cfg.surrogate} ({cfg.weights_dir or 'built-in'})", "objective": cfg.objective.name,
                "defense": cfg.defense, "fdm": fdm.mode, "eps": f"{cfg.budget.eps:.4f} ({cfg.budget.eps * 255:.2f}/255)",
+               "eot": eot_lib.describe(eot_lib.parse_transforms(cfg.eot), cfg.eot_samples),
                "steps": cfg.pgd.steps, "done": sum(e["status"] == "done" for e in all_entries),
                "failed": sum(e["status"] == "failed" for e in all_entries)}
     report.write_html(workdir, "tdae_jax protection report", entries, cfg.budget.eps, summary)

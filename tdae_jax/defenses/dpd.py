@@ -13,6 +13,10 @@ Eq. 5/8 with e = c + dp (Eq. 12); e is kept until the next round (before the fir
 - The update is the image side's sign-descent chain (``pgd.sign_pgd(eta)``) in a ``lax.fori_loop``.
 - Projection after every step: the L_inf ball of radius eps_p, then (``clamp_to_range``, v1's
   ``clamp(c_adv, c.min(), c.max())``) c + dp clamped to [min c, max c], per image over (T, D).
+- SD3 (``DPD.eps_t5`` set; spec §7, SD3.md §4): ``emb`` is ``prompt_embeds`` = [CLIP rows ``:clip_tokens`` |
+  T5 rows]. The CLIP rows get eps_p, the T5 rows eps_t5; the range clamp is per segment (the CLIP one over its
+  non-padding channels); the CLIP rows' structural zero padding (channels that are 0 on every CLIP row of c,
+  2048:4096 in SD3) stays exactly 0. The pooled projection is not a DPD variable (it stays in the batch).
 - Randomness: all M steps use one key per image, a named sub-stream ``dpd`` of the iteration's image
   key (fixed xi inside the round, like FDM's g1/g2), so ``loss_before``/``loss_after`` are comparable.
   ``DPD.resample_noise`` draws a fresh sub-key per inner step instead (before/after stay on the
@@ -59,19 +63,52 @@ def is_round(step_n: jax.Array, period: int) -> jax.Array:
     return jnp.equal(jnp.mod(step_n, period), 0)
 
 
-def emb_range(emb: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-image [min c, max c] over all non-batch axes, shaped to broadcast: ([B,1,..], [B,1,..])."""
-    axes = tuple(range(1, emb.ndim))
-    return jnp.min(emb, axis=axes, keepdims=True), jnp.max(emb, axis=axes, keepdims=True)
+def segmented(emb: jax.Array, dpd: configs.DPD | None) -> bool:
+    """Whether ``emb [B,T,D]`` is budgeted per segment (SD3: ``dpd.eps_t5`` set and T5 rows present)."""
+    return dpd is not None and dpd.eps_t5 is not None and emb.ndim == 3 and emb.shape[1] > dpd.clip_tokens
+
+
+def _clip_rows(emb: jax.Array, dpd: configs.DPD) -> jax.Array:
+    return (jnp.arange(emb.shape[1]) < dpd.clip_tokens)[None, :, None]  # [1,T,1]
+
+
+def clip_padding(emb: jax.Array, dpd: configs.DPD) -> jax.Array:
+    """``[B,1,D]`` True on the CLIP segment's structural zero padding (0 on every CLIP row of c)."""
+    return jnp.all(emb[:, : dpd.clip_tokens] == 0, axis=1, keepdims=True)
+
+
+def emb_range(emb: jax.Array, dpd: configs.DPD | None = None) -> tuple[jax.Array, jax.Array]:
+    """Per-image [min c, max c] over all non-batch axes, shaped to broadcast: ([B,1,..], [B,1,..]).
+    Segmented (``dpd.eps_t5`` set): per segment, ``[B,T,1]`` (CLIP rows: over the non-padding channels)."""
+    if not segmented(emb, dpd):
+        axes = tuple(range(1, emb.ndim))
+        return jnp.min(emb, axis=axes, keepdims=True), jnp.max(emb, axis=axes, keepdims=True)
+    n, pad = dpd.clip_tokens, clip_padding(emb, dpd)
+    clip, t5 = emb[:, :n], emb[:, n:]
+    lo_c = jnp.min(jnp.where(pad, jnp.inf, clip), axis=(1, 2), keepdims=True)
+    hi_c = jnp.max(jnp.where(pad, -jnp.inf, clip), axis=(1, 2), keepdims=True)
+    lo_t, hi_t = jnp.min(t5, axis=(1, 2), keepdims=True), jnp.max(t5, axis=(1, 2), keepdims=True)
+    rows = _clip_rows(emb, dpd)
+    return jnp.where(rows, lo_c, lo_t), jnp.where(rows, hi_c, hi_t)
 
 
 def project_text(text_delta: jax.Array, emb: jax.Array, dpd: configs.DPD, lo=None, hi=None) -> jax.Array:
-    """L_inf ball of radius eps_p, then (optionally) emb + text_delta clamped to the per-image range."""
-    text_delta = optax.projections.projection_linf_ball(text_delta, dpd.eps)
+    """L_inf ball of radius eps_p (segmented: eps_p on the CLIP rows, eps_t5 on the T5 rows), then
+    (optionally) emb + text_delta clamped to the per-image (per-segment) range; segmented: the CLIP
+    padding is held at 0."""
+    seg = segmented(emb, dpd)
+    if seg:
+        rows = _clip_rows(emb, dpd)
+        eps = jnp.where(rows, dpd.eps, dpd.eps_t5).astype(text_delta.dtype)
+        text_delta = jnp.clip(text_delta, -eps, eps)
+    else:
+        text_delta = optax.projections.projection_linf_ball(text_delta, dpd.eps)
     if dpd.clamp_to_range:
         if lo is None or hi is None:
-            lo, hi = emb_range(emb)
+            lo, hi = emb_range(emb, dpd)
         text_delta = jnp.clip(emb + text_delta, lo, hi) - emb
+    if seg:
+        text_delta = jnp.where(rows & clip_padding(emb, dpd), jnp.zeros_like(text_delta), text_delta)
     return text_delta
 
 
@@ -102,7 +139,7 @@ def run_round(loss_fn: LossFn, delta, batch, emb, keys, dpd: configs.DPD) -> Rou
             return base
         return jax.vmap(lambda k: jax.random.fold_in(k, m))(base)
 
-    lo, hi = emb_range(emb) if dpd.clamp_to_range else (None, None)
+    lo, hi = emb_range(emb, dpd) if dpd.clamp_to_range else (None, None)
 
     def text_loss(td, ks):
         return -loss_fn(delta, batch, emb + td, ks)

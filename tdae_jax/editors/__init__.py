@@ -5,7 +5,9 @@ Each editor is a pure function ``edit(surrogate, images, emb, uncond_emb, keys, 
 
 - ``img2img`` (alias ``sdedit``): ``StableDiffusionImg2ImgPipeline`` (strength 0.8, 50 steps, CFG 7.5);
 - ``ip2p``: ``StableDiffusionInstructPix2PixPipeline`` (100 steps, text CFG 7.5, image CFG 1.5, three branches);
-- ``inpaint``: ``StableDiffusionInpaintPipeline`` with a 9-channel UNet (strength 1.0, 50 steps, CFG 7.5).
+- ``inpaint``: ``StableDiffusionInpaintPipeline`` with a 9-channel UNet (strength 1.0, 50 steps, CFG 7.5);
+- ``sd3_img2img`` (alias ``sd3``): ``StableDiffusion3Img2ImgPipeline`` (strength 0.6, 50 steps, CFG 7.0, flow-matching
+  Euler), on an SD3 surrogate; its own config and ``EditFn`` (``editors/sd3_img2img.py``), text = (embeds, pooled).
 
 The sampler is the model directory's scheduler (``scheduler_config["_class_name"]``, as ``from_pretrained`` does),
 or the family's shipped default when the surrogate has none: SD 1.x = PNDM (PLMS, PRK skipped); InstructPix2Pix
@@ -27,9 +29,10 @@ import jax.numpy as jnp
 from tdae_jax.editors import schedulers
 
 KINDS = ("img2img", "ip2p", "inpaint")
-ALIASES = {"sdedit": "img2img", "instructpix2pix": "ip2p", "inpainting": "inpaint"}
+ALIASES = {"sdedit": "img2img", "instructpix2pix": "ip2p", "inpainting": "inpaint", "sd3": "sd3_img2img"}
 MODULES = {"img2img": "tdae_jax.editors.img2img", "ip2p": "tdae_jax.editors.ip2p",
-           "inpaint": "tdae_jax.editors.inpaint"}
+           "inpaint": "tdae_jax.editors.inpaint", "sd3_img2img": "tdae_jax.editors.sd3_img2img"}
+SD3_KINDS = ("sd3_img2img",)  # not ``Editor`` kinds: flow matching, see editors/sd3_img2img.py
 FAMILY = {"img2img": "sd", "ip2p": "ip2p", "inpaint": "inpaint"}
 PIPELINE_DEFAULTS = {  # diffusers 0.39.0 __call__ defaults
     "img2img": {"num_inference_steps": 50, "strength": 0.8},
@@ -189,7 +192,7 @@ def broadcast_uncond(uncond_emb, emb) -> jax.Array:
 def editor_module(kind: str):
     kind = ALIASES.get(kind, kind)
     if kind not in MODULES:
-        raise ValueError(f"unknown editor {kind!r}; known: {KINDS}")
+        raise ValueError(f"unknown editor {kind!r}; known: {KINDS + SD3_KINDS}")
     return importlib.import_module(MODULES[kind])
 
 
@@ -270,7 +273,11 @@ _embed_ids = jax.jit(lambda s, ids: s.embed_ids(ids))
 
 
 def embed_prompts(surrogate, prompts: Sequence[str], negative_prompts: str | Sequence[str] = ""):
-    """``(emb [B,T,D], uncond_emb [B,T,D])`` for prompt strings (negative prompt default ``""``)."""
+    """``(emb [B,T,D], uncond_emb [B,T,D])`` for prompt strings (negative prompt default ``""``).
+    SD3: ``((prompt_embeds, pooled), (negative prompt_embeds, pooled))``, encoded host-side."""
+    if getattr(surrogate, "family", None) == "sd3":
+        from tdae_jax.editors import sd3_img2img
+        return sd3_img2img.embed_prompts(surrogate, prompts, negative_prompts)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     neg = [negative_prompts] * len(prompts) if isinstance(negative_prompts, str) else list(negative_prompts)
     if len(neg) != len(prompts):
@@ -282,7 +289,11 @@ def embed_prompts(surrogate, prompts: Sequence[str], negative_prompts: str | Seq
 
 def make_editor(kind: str, surrogate, mesh=None, compiler_options: Mapping | None = None, **cfg) -> EditFn:
     """Registry entry point: ``make_editor("img2img", sd, strength=0.6, scheduler="ddim")``; ``cfg`` are
-    :class:`Editor` fields; ``mesh``: shard the batch over its data axis."""
+    :class:`Editor` fields; ``mesh``: shard the batch over its data axis. ``sd3_img2img``: an
+    ``sd3_img2img.SD3EditFn`` (``cfg``: ``SD3Img2Img`` fields)."""
+    if ALIASES.get(kind, kind) in SD3_KINDS:
+        from tdae_jax.editors import sd3_img2img
+        return sd3_img2img.make(surrogate, mesh=mesh, compiler_options=compiler_options, **cfg)
     return EditFn(surrogate, Editor(kind=kind, **cfg), mesh=mesh, compiler_options=compiler_options)
 
 

@@ -220,7 +220,7 @@ def train_step(state: TrainState, frozen, batch: dict, base_key: jax.Array, cfg:
     (loss, (inst, prior)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
     updates, opt_state = optimizer(cfg).update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
-    metrics = {"loss": loss, "loss/instance": inst, "loss/prior": prior, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "loss/instance": inst, "loss/prior": prior, "grad_norm": optax.tree.norm(grads)}
     return TrainState(trainable, opt_state, state.step + 1), metrics
 
 
@@ -241,10 +241,12 @@ def draw_indices(n: int, batch: int, step: int, seed: int) -> tuple[np.ndarray, 
 
 
 def data_mesh(batch_size: int, mesh=None):
-    """``mesh`` if its size divides the batch, else a mesh over ``gcd(batch, devices)`` devices."""
-    if mesh is not None and batch_size % mesh.devices.size == 0:
+    """``mesh`` if its size divides the batch, else a mesh over its first ``gcd(batch, size)`` devices
+    (``mesh=None``: all devices). Training batches are never padded (padding rows would change the loss)."""
+    n = len(jax.devices()) if mesh is None else mesh.devices.size
+    if mesh is not None and batch_size % n == 0:
         return mesh
-    return meshlib.make_mesh(math.gcd(batch_size, len(jax.devices())))
+    return meshlib.make_mesh(math.gcd(batch_size, n))
 
 
 @dataclasses.dataclass

@@ -122,3 +122,242 @@ def _fmt(v):
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+# ================================================================================================ evaluation
+# Outputs of ``tdae_jax.evaluate`` (``python -m experiments.evaluate``): matrix.md, report.html, plots/.
+# ``runs``: dicts with name, label, surrogate, objective, defense, eps, eot, path, images.
+METRIC_LABEL = {"psnr": "PSNR (dB)", "ssim": "SSIM", "lpips": "LPIPS", "vifp": "VIFp", "fsim": "FSIM"}
+PROTECTION_ARROW = {"psnr": "↓", "ssim": "↓", "lpips": "↑", "vifp": "↓", "fsim": "↓"}
+
+
+def _finite(vals) -> list[float]:
+    return [float(v) for v in vals if v is not None and v != "" and math.isfinite(float(v))]
+
+
+def mean_std(vals) -> tuple[float, float, int]:
+    """Mean, population std and count of the finite values (NaN, NaN, 0 when there are none)."""
+    v = _finite(vals)
+    if not v:
+        return math.nan, math.nan, 0
+    return float(np.mean(v)), float(np.std(v)), len(v)
+
+
+def _cell(vals, metric: str) -> str:
+    m, s, n = mean_std(vals)
+    if n == 0:
+        return "n/a"
+    d = 2 if metric == "psnr" else 4
+    return f"{m:.{d}f} ± {s:.{d}f}"
+
+
+def select(rows: Sequence[dict], **where) -> list[dict]:
+    """Rows matching ``where``. ``seed_floor`` / ``purifier_cost`` rows do not depend on the run: a source
+    shared by several runs (same working size) counts once."""
+    out, seen = [], set()
+    for r in rows:
+        if all(r.get(k) == v for k, v in where.items()):
+            if r.get("kind") in ("seed_floor", "purifier_cost") and "run" not in where:
+                key = (r.get("source"), r.get("id"), r.get("victim"), r.get("kind"), r.get("purify"), r.get("seed"),
+                       r.get("seed_b"))
+                if key in seen:
+                    continue
+                seen.add(key)
+            out.append(r)
+    return out
+
+
+def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in body]
+    return "\n".join(out) + "\n"
+
+
+def eval_matrix_md(rows: Sequence[dict], runs: Sequence[dict], victims: Sequence[str], purifiers: Sequence[str],
+                   seeds: Sequence[int], metrics: Sequence[str], notes: Sequence[str] = ()) -> str:
+    """``matrix.md``: surrogate (run) x victim tables of mean ± std over images x seeds, one per metric, for
+    no purification, the per-image worst case and each purifier; the seed floor; purifier costs;
+    imperceptibility."""
+    out = ["# tdae_jax evaluation: surrogate x victim\n",
+           "Cells: mean ± std over images x seeds. Protection = edit(protected) vs edit(clean), same victim, "
+           "prompt, seed and noise (spec TDAE.md §11): lower PSNR/SSIM/VIFp/FSIM and higher LPIPS = stronger "
+           "protection. Seed floor = edit(clean; seed a) vs edit(clean; seed b): protection only counts where it "
+           "moves the edit further than a change of seed does. n/a = no finite value (metric not computed, or "
+           "the images are too small for it).\n",
+           f"Victims: {', '.join(victims)}. Purifiers: {', '.join(purifiers)}. Seeds: {', '.join(map(str, seeds))}.\n"]
+    out += [f"- {n}\n" for n in notes]
+    out.append("\n## Runs\n")
+    out.append(_table(["run", "surrogate", "objective", "defense", "eps", "EOT", "images"],
+                      [[r["name"], r["surrogate"], r["objective"], r["defense"],
+                        f"{r['eps'] * 255:.2f}/255" if math.isfinite(r["eps"]) else "?", r["eot"], r["images"]]
+                       for r in runs]))
+
+    def block(title, kind, purify, with_floor):
+        s = [f"\n## {title}\n"]
+        for m in metrics:
+            body = [[r["label"]] + [_cell([x.get(m) for x in select(rows, kind=kind, purify=purify, run=r["name"],
+                                                                    victim=v)], m) for v in victims] for r in runs]
+            if with_floor:
+                body.append(["*seed floor*"] + [_cell([x.get(m) for x in select(rows, kind="seed_floor", victim=v)], m)
+                                                for v in victims])
+            s.append(f"\n### {METRIC_LABEL.get(m, m)} {PROTECTION_ARROW.get(m, '')}\n\n")
+            s.append(_table(["surrogate [run]"] + list(victims), body))
+        return "".join(s)
+
+    first = "none" if "none" in purifiers else purifiers[0]
+    out.append(block("Protection" + (", no purification" if first == "none" else f", purifier {first}"),
+                     "protection", first, True))
+    if len(purifiers) > 1:
+        out.append(block(f"Worst case over purifiers {{{', '.join(purifiers)}}} (per image and metric, the purifier "
+                         "best for the attacker: max PSNR/SSIM/VIFp/FSIM, min LPIPS)", "worst", "worst", True))
+        out.append("\n## Per purifier\n")
+        for m in metrics:
+            body = [[f"{r['label']} / {p}"] + [_cell([x.get(m) for x in select(rows, kind="protection", purify=p,
+                                                                                run=r["name"], victim=v)], m)
+                                                  for v in victims] for r in runs for p in purifiers]
+            out.append(f"\n### {METRIC_LABEL.get(m, m)} {PROTECTION_ARROW.get(m, '')}\n\n")
+            out.append(_table(["surrogate [run] / purifier"] + list(victims), body))
+        cost = [p for p in purifiers if p != "none"]
+        if any(select(rows, kind="purifier_cost")):
+            out.append("\n## Purifier cost on clean images: edit(P(clean)) vs edit(clean)\n\n")
+            cm = [m for m in ("psnr", "ssim", "lpips") if m in metrics]
+            body = [[p] + [" / ".join(_cell([x.get(m) for x in select(rows, kind="purifier_cost", purify=p, victim=v)], m)
+                                      for m in cm) for v in victims] for p in cost]
+            out.append(_table([f"purifier ({' / '.join(METRIC_LABEL.get(m, m) for m in cm)})"] + list(victims), body))
+    out.append("\n## Imperceptibility: protected vs original (original resolution, as on disk)\n\n")
+    body = []
+    for r in runs:
+        prot = select(rows, kind="protection", purify=first, run=r["name"])
+        per_image = {x["id"]: x for x in prot}.values()  # the same for every victim and seed
+        body.append([r["label"]] + [_cell([x.get(f"imp_{m}") for x in per_image], m) for m in ("psnr", "ssim", "lpips")]
+                    + [str(max((int(x["imp_linf_255"]) for x in per_image if x.get("imp_linf_255") not in (None, "")),
+                               default="n/a"))])
+    out.append(_table(["surrogate [run]", "PSNR ↑", "SSIM ↑", "LPIPS ↓", "max L∞ (/255)"], body))
+    return "".join(out)
+
+
+def eval_plots(outdir: Path, rows: Sequence[dict], runs: Sequence[dict], victims: Sequence[str],
+               metrics: Sequence[str], purifiers: Sequence[str]) -> list[Path]:
+    """``plots/<metric>_vs_eps.png`` (one line per (surrogate, objective, defense, EOT) x victim; solid: no
+    purification, dashed: worst case) and ``plots/loss_vs_iteration.png`` (mean loss curve per run, from
+    its ``curves/*.json``). Needs matplotlib; returns [] (with a log line) without it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        import logging
+
+        logging.getLogger("tdae_jax").warning("matplotlib is not installed: no plots (pip install matplotlib)")
+        return []
+    pdir = Path(outdir) / "plots"
+    pdir.mkdir(parents=True, exist_ok=True)
+    written = []
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["surrogate"], r["objective"], r["defense"], r["eot"]), []).append(r)
+    first = "none" if "none" in purifiers else purifiers[0]
+    for m in metrics:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        any_line = False
+        for (sur, obj, dfn, eot), rs in groups.items():
+            rs = sorted(rs, key=lambda r: r["eps"])
+            for v in victims:
+                color = None
+                for kind, pur, style in (("protection", first, "-o"), ("worst", "worst", "--x")):
+                    ys = [mean_std([x.get(m) for x in select(rows, kind=kind, purify=pur, run=r["name"], victim=v)])[0]
+                          for r in rs]
+                    if all(not math.isfinite(y) for y in ys):
+                        continue
+                    lab = f"{sur} {obj}/{dfn}{'' if eot == 'none' else ' eot=' + eot} → {v}"
+                    (line,) = ax.plot([r["eps"] * 255 for r in rs], ys, style, color=color,
+                                      label=lab + (" (worst case)" if kind == "worst" else ""))
+                    color = line.get_color()
+                    any_line = True
+        for v in victims:
+            fl = mean_std([x.get(m) for x in select(rows, kind="seed_floor", victim=v)])[0]
+            if math.isfinite(fl):
+                ax.axhline(fl, color="gray", lw=0.8, ls=":")
+                ax.annotate(f"seed floor {v}", (0.01, fl), xycoords=("axes fraction", "data"), fontsize=7, color="gray")
+        if not any_line:
+            plt.close(fig)
+            continue
+        ax.set_xlabel("eps (/255)")
+        ax.set_ylabel(f"{METRIC_LABEL.get(m, m)}: edit(protected) vs edit(clean) {PROTECTION_ARROW.get(m, '')}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        p = pdir / f"{m}_vs_eps.png"
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        written.append(p)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    any_curve = False
+    for r in runs:
+        curves = []
+        for f in sorted((Path(r["path"]) / "curves").glob("*.json")):
+            try:
+                c = json.loads(f.read_text()).get("loss") or []
+            except (OSError, ValueError):
+                continue
+            curves.append([float(x) for x in c])
+        if curves:
+            n = min(len(c) for c in curves)
+            if n:
+                ax.plot(range(1, n + 1), np.mean([c[:n] for c in curves], axis=0), label=r["label"])
+                any_curve = True
+    if any_curve:
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("objective (minimized), mean over images")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        p = pdir / "loss_vs_iteration.png"
+        fig.savefig(p, dpi=100)
+        written.append(p)
+    plt.close(fig)
+    return written
+
+
+def write_eval_html(outdir: Path, title: str, summary: dict, matrix_md: str, thumbs: dict, victims: Sequence[str],
+                    row_stats: dict, plots: Sequence[Path] = ()) -> Path:
+    """``report.html``: summary, the matrix (as text), plots, and per victim one grid row per image:
+    original | protected | edit(original) | edit(protected) [| edit(P(protected)) per purifier].
+
+    ``thumbs``: (victim, run, id) -> {"cells": {caption: uint8 [H,W,3]}, "prompt": str};
+    ``row_stats``: (victim, run, id) -> one line of metrics."""
+    outdir = Path(outdir)
+    assets = outdir / "report_assets"
+    assets.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for v in victims:
+        secs = []
+        for (vv, run, iid), t in thumbs.items():
+            if vv != v:
+                continue
+            figs = []
+            for j, (cap, arr) in enumerate(t["cells"].items()):
+                src = _thumb(arr, assets / f"{v}.{run}.{iid}.{j}.png")
+                figs.append(f"<figure><img src='report_assets/{html.escape(src)}'><figcaption>{html.escape(cap)}"
+                            "</figcaption></figure>")
+            stats = html.escape(row_stats.get((vv, run, iid), ""))
+            secs.append(f"<section><h4>{html.escape(run)} / {html.escape(iid)} <small>prompt: "
+                        f"{html.escape(t.get('prompt', ''))}</small></h4><div class='row'>{''.join(figs)}</div>"
+                        f"<p>{stats}</p></section>")
+        parts.append(f"<h2>victim {html.escape(v)}</h2>" + "".join(secs))
+    summ = "".join(f"<li><b>{html.escape(str(k))}</b>: {html.escape(str(val))}</li>" for k, val in summary.items())
+    imgs = "".join(f"<img class='plot' src='{html.escape(str(p.relative_to(outdir)))}'>" for p in plots)
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title><style>"
+        "body{font-family:sans-serif;margin:20px} .row{display:flex;gap:8px;align-items:flex-end;flex-wrap:wrap}"
+        "figure{margin:0} img{image-rendering:pixelated;max-width:256px} img.plot{max-width:640px;image-rendering:auto}"
+        "figcaption{font-size:12px;text-align:center} pre{background:#f6f6f6;padding:8px;font-size:12px;overflow-x:auto}"
+        "section{border-top:1px solid #ddd;padding:6px 0}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1><ul>{summ}</ul><div>{imgs}</div>"
+        f"<details open><summary>matrix.md</summary><pre>{html.escape(matrix_md)}</pre></details>"
+        + "".join(parts) + "</body></html>"
+    )
+    out = outdir / "report.html"
+    dio.atomic_write_bytes(out, page.encode())
+    return out

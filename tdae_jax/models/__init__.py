@@ -10,7 +10,8 @@ import importlib
 
 from tdae_jax.models.surrogate import IN_CHANNELS, Static, Surrogate
 
-FAMILIES = {"sd": "tdae_jax.models.sd", "ip2p": "tdae_jax.models.ip2p", "inpaint": "tdae_jax.models.inpaint"}
+FAMILIES = {"sd": "tdae_jax.models.sd", "ip2p": "tdae_jax.models.ip2p", "inpaint": "tdae_jax.models.inpaint",
+            "sd3": "tdae_jax.models.sd3"}  # sd3: an ``SD3`` (models/sd3.py), not a ``Surrogate``, same adapter
 
 
 def family_module(family: str):

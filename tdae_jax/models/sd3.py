@@ -13,6 +13,17 @@ Flow matching (``flow_match.py``): ``z_t = (1 - σ) z_0 + σ ε``, the transform
 float timestep ``1000 σ``: ``eps = z_t + (1 - σ) v``, so ``eps - ε = (1 - σ)(v - (ε - z_0))`` and the
 epsilon MSE is the flow-matching velocity MSE weighted by ``(1 - σ)²``. For SD3's own training
 weighting use ``velocity`` and ``flow_match.velocity_target`` with σ from ``train_sigmas``.
+
+Timesteps: a **float** ``t`` is ``1000 σ``. An **integer** ``t`` in ``[0, 1000)`` (what the UNet objectives
+draw, ``objectives.common.draw_timesteps``) indexes the shifted training grid in DDPM orientation
+(larger = noisier): ``1000 σ`` with ``σ = train_sigmas[999 - t]``, i.e. ``σ = shift((t + 1) / 1000)``, so
+t = 999 is σ = 1 and t = 0 is σ_min = 0.003 — the grid diffusers' SD3 training scripts draw from.
+
+Adapter for the objectives and the pipeline (``objectives/common.py``, ``pipeline.py``): ``family ==
+"sd3"``, ``_moments`` / ``encode_mode`` (raw posterior, as ``Surrogate``), ``eps(z_t, t, emb, pooled=...)``
+with ``emb`` the (perturbable) ``prompt_embeds`` array and the pooled projection passed separately,
+``text_batch(prompts)`` for the protect batch. The Semantic Attack (SA) is not applicable: SD3 has one
+joint image+text attention, no UNet cross-attention maps (``unet_out`` raises).
 """
 from __future__ import annotations
 
@@ -66,14 +77,33 @@ class SD3:
         """The shifted training grid ``[1000]`` (index 0 = σ 1.0), as diffusers' scheduler holds it."""
         return jnp.asarray(flow_match.train_sigmas(self.static.scheduler))
 
+    def timestep(self, t) -> jax.Array:
+        """Float timesteps ``1000 σ`` of ``t``: floats pass through; integers index the training grid
+        (DDPM orientation, see the module docstring)."""
+        t = jnp.asarray(t)
+        if jnp.issubdtype(t.dtype, jnp.integer):
+            n = self.num_train_timesteps
+            return self.train_sigmas[n - 1 - jnp.clip(t, 0, n - 1)] * n
+        return t.astype(jnp.float32)
+
     def sigma(self, t) -> jax.Array:
-        """σ of float timesteps ``t = 1000 σ``."""
-        return jnp.asarray(t, jnp.float32) / self.num_train_timesteps
+        """σ of timesteps ``t`` (float ``1000 σ``, or integer grid indices)."""
+        return self.timestep(t) / self.num_train_timesteps
 
     # ------------------------------------------------------------------ VAE
     def moments(self, x: jax.Array):
         """VAE posterior (mean, std), unnormalised, NCHW, of images ``[B,H,W,3]`` in [0, 1]."""
         return sd3_vae.moments(self.static.vae, self.static.vae_info, self.params["vae"], x * 2.0 - 1.0)
+
+    _moments = moments  # the name objectives/common.py and the editors use on ``Surrogate``
+
+    def encode_mode(self, x: jax.Array) -> jax.Array:
+        """Raw (unnormalised) posterior mean ``[B,16,h,w]``, as ``Surrogate.encode_mode`` (PhotoGuard PGE)."""
+        return self.moments(x)[0]
+
+    def normalize(self, raw: jax.Array) -> jax.Array:
+        """``(raw - shift_factor) * scaling_factor``: raw VAE latents -> the transformer's latent space."""
+        return sd3_vae.normalize(raw, self.static.vae_info)
 
     def encode(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
         """Normalised latents ``[B,16,H/8,W/8]``. ``key`` None: posterior mean (deterministic, for
@@ -90,7 +120,7 @@ class SD3:
     # ------------------------------------------------------------------ flow matching
     def velocity_t(self, z_t, t, prompt_embeds, pooled) -> jax.Array:
         """Transformer output ``v [B,16,h,w]`` at float timesteps ``t = 1000 σ`` (scalar or ``[B]``)."""
-        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (z_t.shape[0],))
+        t = jnp.broadcast_to(self.timestep(t), (z_t.shape[0],))
         return self.static.transformer.apply({"params": self.params["transformer"]}, z_t, prompt_embeds, pooled, t)
 
     def velocity(self, z_t, sigma, prompt_embeds, pooled) -> jax.Array:
@@ -101,13 +131,29 @@ class SD3:
         """``(1 - σ) z0 + σ ε`` at float timesteps ``t = 1000 σ`` (``[B]`` or scalar)."""
         return flow_match.scale_noise(z0, noise, self.sigma(t))
 
-    def eps(self, z_t, t, emb, image_latents=None, mask=None, masked_latents=None) -> jax.Array:
-        """Epsilon adapter: ``ε̂ = z_t + (1 - σ) v`` with ``emb = (prompt_embeds, pooled)``, ``t = 1000 σ``."""
+    def eps(self, z_t, t, emb, image_latents=None, mask=None, masked_latents=None, pooled=None,
+            uncond_pooled=None) -> jax.Array:
+        """Epsilon adapter: ``ε̂ = z_t + (1 - σ) v``.
+
+        ``emb``: ``(prompt_embeds, pooled)``, or the ``prompt_embeds`` array with ``pooled`` given
+        (``objectives.common.conditioning`` passes ``pooled`` and ``uncond_pooled``; the latter is for
+        ``guided_eps`` and unused here). ``t``: float ``1000 σ`` or integer grid index.
+        """
+        del uncond_pooled
         if image_latents is not None or mask is not None or masked_latents is not None:
             raise ValueError("the SD3 surrogate has no image-conditioned (ip2p/inpaint) variant")
-        prompt_embeds, pooled = emb
+        if isinstance(emb, (tuple, list)):
+            prompt_embeds, pooled = emb
+        elif pooled is None:
+            raise ValueError("SD3 eps needs the pooled projection: emb=(prompt_embeds, pooled) or pooled=...")
+        else:
+            prompt_embeds = emb
         v = self.velocity_t(z_t, t, prompt_embeds, pooled)
         return flow_match.eps_from_velocity(v, z_t, self.sigma(jnp.broadcast_to(jnp.asarray(t), (z_t.shape[0],))))
+
+    def unet_out(self, *args, **kwargs):
+        raise NotImplementedError("SD3 (MMDiT) has no UNet cross-attention maps: the Semantic Attack (SA) and "
+                                  "other attention-map objectives are not applicable to an SD3 surrogate")
 
     def to_x0(self, v, z_t, t) -> jax.Array:
         return flow_match.x0_from_velocity(v, z_t, self.sigma(jnp.broadcast_to(jnp.asarray(t), (z_t.shape[0],))))
@@ -126,9 +172,31 @@ class SD3:
     # ------------------------------------------------------------------ text
     def embed_text(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
         """(prompt_embeds ``[B, 77 + T5 len, 4096]``, pooled ``[B, 2048]``), host-side, as encode_prompt."""
+        return self.embed_ids(self.tokenize(prompts))
+
+    def _text(self):
         if self.static.text is None:
             raise ValueError("this SD3 surrogate was loaded without text encoders (load_text=False)")
-        return self.static.text(prompts)
+        return self.static.text
+
+    def tokenize(self, prompts: Sequence[str]):
+        """Host-side ids ``(ids_l [B,77], ids_g [B,77], ids_t5 [B,max_sequence_length] | None)``."""
+        return self._text().tokenize(prompts)
+
+    def embed_ids(self, ids) -> tuple[jax.Array, jax.Array]:
+        """(prompt_embeds, pooled) of ``tokenize``'s ids. Not meant to be wrapped in an outer ``jax.jit``:
+        the encoders are jitted inside with their params as arguments (a closure would bake T5 in)."""
+        return self._text().embed_ids(*ids)
+
+    def text_batch(self, prompts: Sequence[str], negative: str = "") -> dict:
+        """The protect batch's text entries (numpy): ``emb`` = prompt_embeds ``[B, S, D]`` (what DPD perturbs),
+        ``pooled`` ``[B, P]`` (fixed), and the CFG negative ``uncond`` / ``uncond_pooled`` of ``negative``
+        (diffusers: the empty string, encoded like a prompt, not zeros)."""
+        prompts = list(prompts)
+        pe, pooled = self.embed_text(prompts)
+        ue, upooled = self.embed_text([negative] * len(prompts))
+        return {"emb": np.asarray(pe), "pooled": np.asarray(pooled), "uncond": np.asarray(ue),
+                "uncond_pooled": np.asarray(upooled)}
 
 
 # ---------------------------------------------------------------------------------------- builders
@@ -146,13 +214,15 @@ TINY_T5 = dict(vocab_size=100, d_model=48, d_kv=8, d_ff=64, num_layers=2, num_he
                relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False)
 
 
-def tiny(key: jax.Array | None = None, remat: bool = False, max_sequence_length: int = 32) -> SD3:
+def tiny(key: jax.Array | int | None = None, remat: bool = False, max_sequence_length: int = 32) -> SD3:
     """A random tiny SD3.5-style model (qk RMSNorm, one dual-attention block), CPU-fast: images 32×32
     -> latents ``[B,16,16,16]``; text ``[B, 77 + max_sequence_length, 48]`` (CLIP 16+16 zero-padded to 48) / pooled ``[B, 32]``."""
     from transformers import CLIPTextConfig, T5Config
 
     if key is None:
         raise ValueError("tiny() needs an explicit key (no default seed)")
+    if isinstance(key, (int, np.integer)):  # models.tiny("sd3", seed)
+        key = jax.random.key(int(key))
     k_tr, k_vae, k_l, k_g, k_t5 = jax.random.split(key, 5)
     cfg = sd3_transformer.SD3Config.from_dict(TINY_TRANSFORMER)
     transformer = sd3_transformer.SD3Transformer2DModel(cfg, remat=remat)

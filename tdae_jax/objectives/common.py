@@ -7,7 +7,11 @@ two evaluations at different deltas within one FDM iteration share xi (spec §6.
 
 ``batch`` keys used here: ``x0 [B,H,W,3]`` (clean image), ``uncond [B,T,D]`` (empty-prompt
 embedding, for classifier-free guidance), ``mask [B,H,W,1]`` (inpainting, 1 = region to fill),
-``token_mask [B,T]`` (tokens whose attention SA suppresses).
+``token_mask [B,T]`` (tokens whose attention SA suppresses); SD3 (``models/sd3.py``): ``pooled [B,P]`` and
+``uncond_pooled [B,P]``, the fixed pooled projections of the prompt and of the negative prompt.
+
+SD3 timesteps: the integer draws of ``draw_timesteps`` are indices of SD3's shifted training grid
+(``SD3.timestep``: ``t -> 1000 σ``, ``σ = shift((t + 1) / 1000)``), so the objectives need no change.
 """
 from __future__ import annotations
 
@@ -37,6 +41,8 @@ def encode_sample(sur: Surrogate, x: jax.Array, keys: jax.Array) -> jax.Array:
     """Scaled latents with per-image posterior noise (``latent_dist.sample()``)."""
     mean, std = sur._moments(x)
     noise = jax.vmap(lambda kk, m: jax.random.normal(kk, m.shape, m.dtype))(posterior_sample_keys(keys), mean)
+    if sur.family == "sd3":  # (z - shift_factor) * scaling_factor
+        return sur.normalize(mean + std * noise)
     return (mean + std * noise) * sur.static.scaling_factor
 
 
@@ -44,11 +50,16 @@ def conditioning(sur: Surrogate, x: jax.Array, batch: dict) -> dict:
     """Family-specific UNet conditioning computed from the (perturbed) image ``x``.
 
     ip2p: ``image_latents = E_mode(x)`` (unscaled, as the pipeline does); inpaint: the mask at latent
-    resolution and the scaled latents of the masked image ``x * (1 - mask)``.
+    resolution and the scaled latents of the masked image ``x * (1 - mask)``; sd3: the fixed pooled
+    projections ``batch["pooled"]`` / ``batch["uncond_pooled"]`` (DPD perturbs only ``emb``).
     """
     fam = sur.family
     if fam == "sd":
         return {}
+    if fam == "sd3":
+        if "pooled" not in batch:
+            raise ValueError("SD3 surrogate: the batch has no 'pooled' projection (SD3.text_batch builds it)")
+        return {"pooled": batch["pooled"], "uncond_pooled": batch.get("uncond_pooled")}
     if fam == "ip2p":
         return {"image_latents": sur.encode_mode(x)}
     if fam == "inpaint":
@@ -80,6 +91,10 @@ def guided_eps(sur: Surrogate, z_t, t, emb, uncond, cond: dict, guidance_scale: 
     """
     if guidance_scale <= 1.0 or uncond is None:
         return sur.eps(z_t, t, emb, **cond)
+    if sur.family == "sd3":  # the negative branch has its own pooled projection
+        e_c = sur.eps(z_t, t, emb, pooled=cond["pooled"])
+        e_u = sur.eps(z_t, t, uncond, pooled=cond["uncond_pooled"])
+        return e_u + guidance_scale * (e_c - e_u)
     if sur.family == "ip2p":
         img = cond["image_latents"]
         e_ti = sur.eps(z_t, t, emb, image_latents=img)

@@ -57,6 +57,9 @@ def ddim_timesteps(num_train: int, steps: int, strength: float) -> jax.Array:
 
 def make_diffusion(sur: Surrogate, cfg: Objective, strength: float = 0.8):
     """PhotoGuard diffusion attack; ``cfg.denoise_steps`` K DDIM steps (eta 0) at img2img ``strength``."""
+    if sur.family == "sd3":  # rectified flow: K Euler steps of the SD3 img2img pipeline (photoguard_flow.py)
+        from tdae_jax.objectives import photoguard_flow
+        return photoguard_flow.make_diffusion(sur, cfg)
     num_train = sur.num_train_timesteps
     k = max(1, cfg.denoise_steps)
     if sur.family == "ip2p":  # InstructPix2Pix edits from pure noise, conditioned on E_mode(x)

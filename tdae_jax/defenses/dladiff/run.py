@@ -29,9 +29,11 @@ from tdae_jax.editors import finetune as ft
 from tdae_jax.metrics import image as image_metrics
 from tdae_jax.metrics import identity as idm
 from tdae_jax.metrics import report
+from tdae_jax.parallel import mesh as meshlib
 from tdae_jax.pipeline import RunResult, UsageError, git_revision, load_surrogate
 
 log = logging.getLogger("tdae_jax")
+TINY_SIZE = 32  # layer-1 working size with the built-in tiny surrogate (its 16x16 maps = att_resolution 16)
 METHODS = ("dladiff", "aspl", "fsmg", "none")
 COLUMNS = ("id", "source", "status", "linf_255", "linf_outside_255", "psnr", "ssim", "final_loss", "zs_steps",
            "zs_cos_after", "ism_pro", "ism_pro_heldout", "face_detected", "seconds", "error")
@@ -116,23 +118,14 @@ def _detector(cfg):
 
 
 # ------------------------------------------------------------------------------------------------ landmarks
-def _to_work(points, t: dio.Transform) -> np.ndarray:
-    """Original-image pixel coordinates (x, y) -> working-canvas coordinates (pixel centres)."""
-    top, left, ch, cw = t.crop_box
-    (rh, rw), (oy, ox) = t.resized_hw, t.offset
-    p = np.asarray(points, np.float64).reshape(-1, 2)
-    x = (p[:, 0] - left + 0.5) * rw / cw - 0.5 + ox
-    y = (p[:, 1] - top + 0.5) * rh / ch - 0.5 + oy
-    return np.stack([x, y], 1)
-
-
-def _landmarks(cfg, li: dio.LoadedImage, table: dict, det) -> dict | None:
+def _landmarks(li: dio.LoadedImage, table: dict, det) -> dict | None:
+    """Landmarks in original-image pixels: the JSON entry (by id or file name), else dlib's detector."""
     entry = table.get(li.id, table.get(li.path.name))
     if entry is not None:
         entry = entry if isinstance(entry, dict) else {"arcface": entry}
-        return {k: _to_work(v, li.transform) for k, v in entry.items() if k in ("arcface", "dlib")}
+        return {k: np.asarray(v, np.float64).reshape(5, 2) for k, v in entry.items() if k in ("arcface", "dlib")}
     if det is not None:
-        lm = det.landmarks(li.array)
+        lm = det.landmarks(li.original_uint8)
         return None if lm is None else {"dlib": lm}
     return None
 
@@ -143,20 +136,21 @@ def _layer1(cfg, sur, x, uids, x_clean, uid_clean, workdir: Path, progress):
     if cfg.method == "none":
         return np.zeros_like(x), {}
     b = x.shape[0]
+    mesh = meshlib.make_mesh(cfg.num_devices) if cfg.num_devices else None
     base = jax.random.fold_in(prng.base_key(cfg.seed), 1)
     emb1 = np.asarray(ft.embed_ids(sur, sur.tokenize([cfg.prompt])))
     emb, emb_c = np.repeat(emb1, b, 0), np.repeat(emb1, x_clean.shape[0], 0)
     if cfg.method == "aspl":
-        p, h = baselines.aspl(sur, x, uids, emb, x_clean, uid_clean, emb_c, cfg.baseline, base)
+        p, h = baselines.aspl(sur, x, uids, emb, x_clean, uid_clean, emb_c, cfg.baseline, base, mesh=mesh)
         return np.asarray(p.delta), {"loss": np.concatenate([np.stack(c, 1) for c in h["aspl/cond"]], 1)}
     t0 = time.perf_counter()
     logf = lambda s, m: (s % 50 == 0 or s == cfg.static.steps) and progress(  # noqa: E731
         f"static surrogate (DSUR) step {s}/{cfg.static.steps} loss={m['loss']:.4g} {time.perf_counter() - t0:.0f}s")
     static = dsur.train_static(sur, x_clean, cfg.prompt, cfg.static, jax.random.fold_in(base, 2), uids=uid_clean,
-                               log=logf)
+                               log=logf, mesh=mesh)
     s_unet = static.state.trainable["unet"]
     if cfg.method == "fsmg":
-        p, h = baselines.fsmg(sur, s_unet, x, uids, emb, cfg.baseline, base)
+        p, h = baselines.fsmg(sur, s_unet, x, uids, emb, cfg.baseline, base, mesh=mesh)
         return np.asarray(p.delta), {"loss": np.stack(h["fsmg/cond"], 1)}
     layers = dsur.select_layers(sur, x.shape[1], cfg.att_resolution, cfg.att_layers, cfg.att_kinds)
     acfg = dataclasses.replace(cfg.adft, layers=layers)
@@ -164,7 +158,7 @@ def _layer1(cfg, sur, x, uids, x_clean, uid_clean, workdir: Path, progress):
     fp = checkpoint.fingerprint({"cfg": dataclasses.asdict(cfg), "uids": [int(u) for u in uids]})
     state, start = None, 0
     if ck is not None:
-        init = adft.place_state(adft.init_state(sur, x, acfg), ft.data_mesh(b))
+        init = adft.place_state(adft.init_state(sur, x, acfg), ft.data_mesh(b, mesh))
         shard = jax.tree.map(lambda a: a.sharding, init)
         got = ck.restore(checkpoint.abstract_like(init, shard), expect_meta={"fingerprint": fp})
         if got is not None:
@@ -178,9 +172,14 @@ def _layer1(cfg, sur, x, uids, x_clean, uid_clean, workdir: Path, progress):
         if ck is not None and ep < acfg.epochs:
             ck.maybe_save(ep, st, {"fingerprint": fp})
 
-    state, h = adft.protect(sur, s_unet, x, uids, emb, acfg, base, state=state, start_epoch=start, on_epoch=on_epoch)
+    state, h = adft.protect(sur, s_unet, x, uids, emb, acfg, base, mesh=mesh, state=state, start_epoch=start,
+                            on_epoch=on_epoch)
     if ck is not None:
         ck.close(remove=True)
+        try:
+            (workdir / "ckpt").rmdir()  # only if empty
+        except OSError:
+            pass
     curves = {}
     for k in ("adft/att", "adft/cond"):
         steps = [a for ep in h.get(k, []) for a in ep]
@@ -210,6 +209,11 @@ def run(cfg: DLADiffRunConfig, progress: Callable[[str], None] = log.info) -> Ru
         except (OSError, ValueError) as e:
             raise UsageError(f"{cfg.landmarks}: cannot read landmarks JSON ({e})") from e
     sur = load_surrogate(cfg) if cfg.method != "none" else None
+    if sur is not None and not cfg.weights_dir and (cfg.size is None or cfg.size > TINY_SIZE):
+        log.warning("built-in tiny surrogate: layer 1 works at %d px (its UNet attends at full latent resolution; "
+                    "--size=%s would not fit). Layer 2 and the outputs keep the original resolution.",
+                    TINY_SIZE, cfg.size)
+        cfg = dataclasses.replace(cfg, size=TINY_SIZE, resize="center_crop" if cfg.resize == "none" else cfg.resize)
     if cfg.layer2:
         encs = _encoders(cfg)
     else:  # layer 1 alone: the encoders only score ISM_pro, when they can be built
@@ -229,6 +233,8 @@ def run(cfg: DLADiffRunConfig, progress: Callable[[str], None] = log.info) -> Ru
     if skipped:
         progress(f"resuming: {len(skipped)} of {len(entries)} inputs already done or failed (not retried)")
     loaded = {}
+    if cfg.method == "none":  # layer 2 alone works at the original resolution: no working canvas
+        cfg = dataclasses.replace(cfg, size=None, resize="none")
     for e in todo:
         try:
             li = dio.load_image(e["source"], size=cfg.size, resize=cfg.resize, image_id=e["id"])
@@ -283,8 +289,9 @@ def _finish_one(cfg, manifest, workdir, li, delta_ft, curve, secs, encs, table, 
     t0 = time.perf_counter()
     metrics = {"final_loss": float(curve["loss"][-1]) if len(curve.get("loss", [])) else float("nan"),
                "initial_loss": float(curve["loss"][0]) if len(curve.get("loss", [])) else float("nan")}
-    lm = _landmarks(cfg, li, table, det) if (cfg.layer2 or encs) else None
-    delta, mask = np.asarray(delta_ft, np.float32), None
+    lm = _landmarks(li, table, det) if (cfg.layer2 or encs) else None
+    x = li.original_uint8.astype(np.float32) / 255.0  # layer 2 works at the original resolution
+    delta, mask = dio.map_back(np.asarray(delta_ft, np.float32), li), None
     if cfg.layer2:
         if lm is None:
             msg = f"{li.path}: no face landmarks (no --landmarks entry and no face detected): layer 2 not applied"
@@ -292,18 +299,23 @@ def _finish_one(cfg, manifest, workdir, li, delta_ft, curve, secs, encs, table, 
                 manifest.mark(li.id, "failed", error=msg)
                 return
             log.warning("%s", msg)
+            metrics["zs_steps"] = 0
         else:
-            x = li.array[None]
-            x_adv = np.clip(x + delta[None], 0.0, 1.0)
-            d_img, info = zeroshot.protect(x, x_adv, [lm], [e for e, _ in encs], [p for _, p in encs], cfg.zs,
-                                           jax.random.fold_in(prng.base_key(cfg.seed), 2), prng.uids([li.id]))
-            delta = np.clip(x[0] + delta + d_img[0], 0.0, 1.0) - x[0]
-            mask = info["zs/mask"][0, ..., 0] > 0
-            metrics.update({"zs_steps": int(info["zs/steps"][0]), "zs_cos_before": info["zs/cos_before"][0].tolist(),
-                            "zs_cos_after": float(np.max(info["zs/cos_after"][0]))})
+            x_adv = np.clip(x + delta, 0.0, 1.0)
+            try:
+                d_img, info = zeroshot.protect_image(x, x_adv, lm, [e for e, _ in encs], [p for _, p in encs], cfg.zs,
+                                                     jax.random.fold_in(prng.base_key(cfg.seed), 2),
+                                                     int(prng.uids([li.id])[0]))
+            except ValueError as err:
+                manifest.mark(li.id, "failed", error=f"{li.path}: layer 2: {err}")
+                return
+            delta = np.clip(x + delta + d_img, 0.0, 1.0) - x
+            mask = info["zs/mask"][..., 0] > 0
+            metrics.update({"zs_steps": int(info["zs/steps"]), "zs_cos_before": info["zs/cos_before"].tolist(),
+                            "zs_cos_after": float(np.max(info["zs/cos_after"]))})
             if np.isnan(metrics["final_loss"]):
                 metrics["final_loss"] = metrics["zs_cos_after"]
-    prot = dio.protect_loaded(li, delta, cfg.eps_total)
+    prot = dio.protect_at_original(li.original_uint8, delta, cfg.eps_total)
     out = dio.save_png_atomic(workdir / "protected" / f"{li.id}.png", prot, forbidden_dirs=[li.path.parent],
                               icc_profile=li.icc_profile)
     back = dio.read_back_uint8(out)
@@ -312,7 +324,7 @@ def _finish_one(cfg, manifest, workdir, li, delta_ft, curve, secs, encs, table, 
     metrics.update(linf_255=dio.linf_uint8(back, li.original_uint8), psnr=float(image_metrics.psnr(a, b)[0]),
                    ssim=float(image_metrics.ssim(a, b)[0]))
     if mask is not None:
-        outside = ~dio.map_back(mask[..., None].astype(np.float32), li)[..., 0].astype(bool)
+        outside = ~mask
         diff = np.abs(back.astype(np.int16) - li.original_uint8.astype(np.int16)).max(-1)
         metrics["linf_outside_255"] = int(diff[outside].max(initial=0))
     if lm is not None and encs:
@@ -330,7 +342,8 @@ def _finish_one(cfg, manifest, workdir, li, delta_ft, curve, secs, encs, table, 
 def _ism_pro(cfg, li, out_path, lm, encs) -> dict:
     """ISM_pro: cos(IE(protected read back from disk), IE(clean)) per encoder, un-jittered alignment; plus
     dlib's descriptor as a held-out encoder when it is installed and not attacked."""
-    prot = dio.load_image(out_path, size=cfg.size, resize=cfg.resize).array
+    prot = dio.read_back_uint8(out_path).astype(np.float32) / 255.0
+    clean = li.original_uint8.astype(np.float32) / 255.0
     pairs = list(encs)
     names = [e.name for e, _ in encs]
     from tdae_jax.metrics import dlib_face
@@ -341,9 +354,10 @@ def _ism_pro(cfg, li, out_path, lm, encs) -> dict:
     res = {}
     for enc, params in pairs:
         m = zeroshot.alignments([lm], [enc])[0, 0]
-        faces = np.stack([np.asarray(zeroshot.warp(jax.numpy.asarray(im), m, enc.size)) for im in (prot, li.array)])
+        faces = np.stack([np.asarray(zeroshot.warp(jax.numpy.asarray(im), m, enc.size)) for im in (prot, clean)])
         e = enc.apply(params, jax.numpy.asarray(faces))
         res[f"ism_pro/{enc.name}"] = float(idm.cosine(e[:1], e[1:])[0])
+        res[f"id_dist/{enc.name}"] = float(np.linalg.norm(np.asarray(e[0]) - np.asarray(e[1])))  # dlib: > 0.6 = other
     res["ism_pro"] = res[f"ism_pro/{names[0]}"] if names else None
     if held:
         res["ism_pro_heldout"] = res["ism_pro/dlib_resnet_v1"]
@@ -353,7 +367,7 @@ def _ism_pro(cfg, li, out_path, lm, encs) -> dict:
 def _row(e: dict) -> dict:
     m = e.get("metrics") or {}
     return {"id": e["id"], "source": e["source"], "status": e["status"], **{k: m.get(k) for k in COLUMNS[3:-1]},
-            **{k: v for k, v in m.items() if k.startswith("ism_pro/") or k.startswith("zs_")},
+            **{k: v for k, v in m.items() if k.startswith(("ism_pro/", "id_dist/", "zs_"))},
             "error": e.get("error") or ""}
 
 

@@ -209,8 +209,52 @@ def alignments(landmarks: Sequence[dict], encoders: Sequence[idm.IdentityEncoder
     return np.asarray(out, np.float32)
 
 
+def face_box(ms: np.ndarray, sizes: Sequence[int], image_hw: tuple, margin: int = 2) -> tuple[int, int, int, int]:
+    """``(y0, y1, x0, x1)``: the image region covering every encoder's crop footprint (plus ``margin``)."""
+    pts = []
+    for m, s in zip(np.asarray(ms, np.float64), sizes):
+        inv = np.linalg.inv(np.vstack([m, [0, 0, 1]]))
+        corners = np.array([[0, 0, 1], [s - 1, 0, 1], [0, s - 1, 1], [s - 1, s - 1, 1]], np.float64).T
+        pts.append((inv @ corners)[:2].T)
+    p = np.concatenate(pts)
+    h, w = image_hw
+    x0, y0 = np.floor(p.min(0)).astype(int) - margin
+    x1, y1 = np.ceil(p.max(0)).astype(int) + margin + 1
+    return max(y0, 0), min(y1, h), max(x0, 0), min(x1, w)
+
+
+def shift(ms: np.ndarray, y0: int, x0: int) -> np.ndarray:
+    """Alignments of a sub-image starting at ``(y0, x0)``: ``M (p + (x0, y0))``."""
+    ms = np.array(ms, np.float64)
+    ms[..., 2] += ms[..., :2] @ np.array([x0, y0], np.float64)
+    return ms.astype(np.float32)
+
+
+def protect_image(x_clean, x_adv, landmarks: dict, encoders, enc_params, cfg: ZSConfig, base_key, uid: int
+                  ) -> tuple[np.ndarray, dict]:
+    """Algorithm 2 on one full-resolution image ``[H,W,3]`` in [0,1], computed on the face region only (so
+    the cost does not grow with the photo). Returns ``(delta_img [H,W,3], info)`` (``info`` as :func:`protect`,
+    for one image, with ``zs/mask`` at full size and ``zs/box = (y0, y1, x0, x1)``)."""
+    encoders = tuple(encoders)
+    x_clean, x_adv = np.asarray(x_clean, np.float32), np.asarray(x_adv, np.float32)
+    ms = alignments([landmarks], encoders)[0]
+    y0, y1, x0, x1 = face_box(ms, [e.size for e in encoders], x_clean.shape[:2])
+    if y1 - y0 < 2 or x1 - x0 < 2:
+        raise ValueError(f"the face crop lies outside the image (box {(y0, y1, x0, x1)})")
+    sub = shift(ms, y0, x0)
+    d, info = protect(x_clean[None, y0:y1, x0:x1], x_adv[None, y0:y1, x0:x1], None, encoders, enc_params, cfg,
+                      base_key, [uid], ms=sub[None])
+    full = np.zeros_like(x_clean)
+    full[y0:y1, x0:x1] = d[0]
+    mask = np.zeros(x_clean.shape[:2] + (1,), np.float32)
+    mask[y0:y1, x0:x1] = info["zs/mask"][0]
+    info = {"zs/steps": info["zs/steps"][0], "zs/cos_before": info["zs/cos_before"][0],
+            "zs/cos_after": info["zs/cos_after"][0], "zs/mask": mask, "zs/box": (y0, y1, x0, x1)}
+    return full, info
+
+
 def protect(x_clean, x_adv, landmarks: Sequence[dict], encoders: Sequence[idm.IdentityEncoder], enc_params,
-            cfg: ZSConfig, base_key, uid) -> tuple[np.ndarray, dict]:
+            cfg: ZSConfig, base_key, uid, ms=None) -> tuple[np.ndarray, dict]:
     """Algorithm 2 for a batch of same-size images.
 
     Args:
@@ -219,6 +263,7 @@ def protect(x_clean, x_adv, landmarks: Sequence[dict], encoders: Sequence[idm.Id
       landmarks: per image ``{"arcface": [5,2]}`` and/or ``{"dlib": [5,2]}``, in working-image pixels.
       encoders/enc_params: the ensemble (same order).
       uid: ``[B] int32`` image uids (keys).
+      ms: optional precomputed alignments ``[B,N,2,3]`` (then ``landmarks`` is unused).
     Returns:
       ``(delta_img [B,H,W,3] float32, info)`` with ``info``: ``zs/steps [B]``, ``zs/cos_before [B,N]``,
       ``zs/cos_after [B,N]``, ``zs/mask [B,H,W,1]`` (the first encoder's crop footprint).
@@ -226,7 +271,7 @@ def protect(x_clean, x_adv, landmarks: Sequence[dict], encoders: Sequence[idm.Id
     encoders = tuple(encoders)
     enc_params = tuple(enc_params)
     x_clean = jnp.asarray(x_clean, jnp.float32)
-    ms = jnp.asarray(alignments(landmarks, encoders))
+    ms = jnp.asarray(alignments(landmarks, encoders) if ms is None else ms)
     targets = embed_targets_jit(x_clean, ms, encoders, enc_params)
     batch = {"x_adv": jnp.asarray(x_adv, jnp.float32), "M": ms, "targets": targets,
              "uid": jnp.asarray(uid, jnp.int32)}

@@ -1,0 +1,124 @@
+r"""Evaluate protections: edit the clean original and the protected image with each victim editor (same
+seed, noise and prompt), under each purification, and compare (spec TDAE.md §11; PEERS.md §4).
+
+    python -m experiments.evaluate --flagfile=experiments/flags/evaluate_quickstart.flags
+    python -m experiments.evaluate --runs=runs/a,runs/b --outdir=runs/eval_ab \
+        --victims='sd14:sd:/models/sd14,ip2p:ip2p:/models/ip2p|steps=20' \
+        --purify=none,jpeg95,jpeg75,jpeg50,resize,blur,noise,diffpure,noisyup --seeds=0,1,2
+
+Victims: ``NAME:FAMILY:SOURCE[|key=value...]`` separated by commas; FAMILY sd (img2img/SDEdit), ip2p
+(InstructPix2Pix) or inpaint; SOURCE ``tiny``, ``tiny@SEED`` (random tiny models: plumbing only), ``mini:NAME``
+(a shipped miniature model, FAMILY may be left empty) or a local diffusers-format directory; keys: kind,
+steps, strength, guidance, image_guidance, scheduler, eta (override the --edit_* flags for that victim).
+
+Outputs in --outdir (default <run>/eval for a single run): metrics.csv / metrics.jsonl (one row per run x
+image x victim x purifier x seed x kind), matrix.md (surrogate x victim, mean ± std), report.html (image grids),
+plots/*.png (metric vs eps, loss vs iteration), eval_config.json, flags.flags, failures.txt.
+Exit code: 0 everything evaluated, 1 some images or victims failed (the rest is written), 2 usage error.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from absl import app, flags
+
+from experiments import common
+
+FLAGS = flags.FLAGS
+_NAMES: list[str] = []
+
+
+def _define(kind: str, name: str, default, help_: str, **kw):
+    _NAMES.append(name)
+    if name not in FLAGS:
+        getattr(flags, f"DEFINE_{kind}")(name, default, help_, **kw)
+
+
+_define("string", "runs", "", "Comma-separated protect workdirs (each with config.json, manifest.json, protected/).")
+_define("string", "victims", "", "Comma-separated NAME:FAMILY:SOURCE[|key=value...] (see the module docstring).")
+_define("string", "outdir", "", "Output folder; empty = <run>/eval when --runs names one run.")
+_define("string", "purify", "none", "Purifiers: none, jpeg<q>, resize<f>, blur<sigma>, noise<s/255>, diffpure<t>, "
+        "noisyup<t> (PEERS.md §4); the worst case is taken over this set.")
+_define("string", "seeds", "0,1,2", "Edit seeds (spec TDAE.md §11 project default: 3 seeds).")
+_define("integer", "edit_steps", 0, "Victim inference steps; 0 = the pipeline default (img2img/inpaint 50, ip2p 100).")
+_define("float", "edit_strength", -1.0, "img2img / inpaint strength; <0 = pipeline default (0.8 / 1.0).")
+_define("float", "edit_guidance", 7.5, "Text guidance scale (diffusers default 7.5).")
+_define("float", "edit_image_guidance", 1.5, "InstructPix2Pix image guidance (diffusers default 1.5).")
+_define("string", "edit_scheduler", "", "Sampler (ddim, pndm, euler, euler_ancestral, ...); empty = the model's own.")
+_define("float", "edit_eta", 0.0, "DDIM eta.")
+_define("string", "edit_prompt", "", "Edit text for every image; empty = each run's prompts / default prompt.")
+_define("string", "lpips_weights", "", "Comma-separated local LPIPS weight files (.safetensors/.npz); empty = no LPIPS.")
+_define("string", "lpips_net", "alex", "LPIPS trunk: alex (spec §11) or vgg.")
+_define("string", "purifier_model", "", "FAMILY:SOURCE of the diffpure/noisyup model (sd family); empty = first sd victim.")
+_define("integer", "purify_steps", 0, "Inference steps of diffpure/noisyup (img2img runs steps*t); 0 = 50.")
+_define("float", "noisyup_sigma", 0.1, "Noisy Upscaling noise std in [0,1] units (Hönig et al.: 0.1).")
+_define("integer", "eval_size", 0, "Working size override (multiple of 8); 0 = each run's own --size.")
+_define("integer", "eval_batch_size", 4, "Images per editor call.")
+_define("float", "psnr_cap_db", 100.0, "PSNR of identical images (instead of +inf), so means stay finite.")
+_define("bool", "seed_floor", True, "Also edit(clean; seed a) vs edit(clean; seed b).")
+_define("bool", "purifier_cost", True, "Also edit(P(clean)) vs edit(clean) for each purifier.")
+_define("integer", "max_images", 0, "At most this many images per run; 0 = all.")
+_define("integer", "report_images", 8, "Images per run shown in report.html.")
+_define("bool", "plots", True, "Write plots/*.png (matplotlib).")
+_define("bool", "fast_compile", False, "XLA optimization level 0: much faster compiles, slower runs (tests, tiny).")
+
+
+def config_from_flags(F):
+    from tdae_jax import evaluate as ev
+
+    seeds = tuple(int(s) for s in F.seeds.split(",") if s.strip())
+    edit = ev.EditSettings(steps=F.edit_steps or None, strength=None if F.edit_strength < 0 else F.edit_strength,
+                           guidance=F.edit_guidance, image_guidance=F.edit_image_guidance,
+                           scheduler=F.edit_scheduler or None, eta=F.edit_eta)
+    return ev.EvalConfig(
+        runs=tuple(r.strip() for r in F.runs.split(",") if r.strip()), victims=ev.parse_victims(F.victims),
+        outdir=F.outdir, purify=tuple(p.strip() for p in F.purify.split(",") if p.strip()) or ("none",),
+        seeds=seeds, edit=edit, prompt=F.edit_prompt,
+        lpips_weights=tuple(p.strip() for p in F.lpips_weights.split(",") if p.strip()), lpips_net=F.lpips_net,
+        purifier_model=F.purifier_model, purify_steps=F.purify_steps or None, noisyup_sigma=F.noisyup_sigma,
+        size=F.eval_size or None, batch_size=F.eval_batch_size, psnr_cap_db=F.psnr_cap_db, seed_floor=F.seed_floor,
+        purifier_cost=F.purifier_cost, max_images=F.max_images, report_images=F.report_images, plots=F.plots,
+        fast_compile=F.fast_compile)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import dataclasses
+
+    from tdae_jax import evaluate as ev
+    from tdae_jax.data import io as dio
+
+    try:
+        cfg = config_from_flags(FLAGS)
+        cfg = dataclasses.replace(cfg, outdir=str(ev.default_outdir(cfg)))
+        runner = ev.Runner(cfg, progress=logging.getLogger("tdae_jax").info)
+    except (ev.UsageError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result = runner.run()
+    paths = ev.write_outputs(result, cfg)
+    lines = [FLAGS[n].serialize() for n in _NAMES if n in FLAGS]
+    dio.atomic_write_bytes(Path(cfg.outdir) / "flags.flags", ("\n".join(x for x in lines if x) + "\n").encode())
+    print(f"evaluated {len(cfg.runs)} run(s) x {len(cfg.victims)} victim(s): {len(result.rows)} rows; "
+          f"matrix: {paths['matrix']}; report: {paths['report']}")
+    for f in result.failures:
+        print(f"FAILED {f}", file=sys.stderr)
+    return 1 if result.failures else 0
+
+
+def run_cli(argv: list[str]) -> int:
+    """Parse ``argv`` (``[prog, --flag=value, ...]``) and run in-process; returns the exit code (tests)."""
+    FLAGS.unparse_flags()
+    try:
+        FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return main(argv[:1])
+
+
+if __name__ == "__main__":
+    common.run_main(main)

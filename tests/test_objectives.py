@@ -1,0 +1,83 @@
+"""Each host objective, optimised by sign-PGD on the tiny surrogates, moves the way its paper says:
+the minimized objective O falls (PhotoGuard: latent/edit pulled to the target; AdvDM/eps-discrepancy:
+the denoising error grows; SA: the prompt's cross-attention mass shrinks; Mist/ACE: towards the
+target pattern; SDS(-): the SDS surrogate falls). Evaluated before/after with the SAME keys (same t, eps)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tdae_jax import configs, models, objectives, prng
+from tdae_jax.defenses import tdae
+
+HOSTS = ["pge", "pge_untargeted", "pgd", "advdm", "tdae_v1", "sds", "mist", "ace", "sa"]
+
+
+_SURS = {}
+
+
+def _world(family):
+    if family in _SURS:
+        return _SURS[family]
+    sur = models.tiny(family)
+    rng = np.random.default_rng(0)
+    x0 = jnp.asarray(rng.integers(0, 256, (2, 32, 32, 3)) / 255.0, jnp.float32)
+    ids = sur.tokenize(["make the circle red", "add snow"])
+    batch = {"x0": x0, "uid": jnp.asarray(prng.uids(["a", "b"])), "emb": sur.embed_ids(ids),
+             "uncond": sur.embed_ids(sur.tokenize(["", ""])),
+             "token_mask": jnp.asarray(objectives.semantic_attention.content_token_mask(ids, sur.static.tokenizer))}
+    _SURS[family] = (sur, batch)
+    return sur, batch
+
+
+@pytest.fixture(scope="module")
+def world():
+    return _world("ip2p")
+
+
+# every host on the InstructPix2Pix surrogate; the SD img2img family for the hosts whose path differs
+CASES = [(h, "ip2p") for h in HOSTS] + [("pgd", "sd"), ("advdm", "sd")]
+
+
+@pytest.mark.parametrize("host,family", CASES)
+def test_objective_falls_under_pgd(host, family):
+    sur, batch = _world(family)
+    cfg = configs.Objective(name=host, timesteps=2, denoise_steps=2)
+    loss_fn = objectives.make_objective(host, sur, cfg)
+    steps = 4
+    init_fn, step_fn = tdae.make_step(loss_fn, budget=configs.Budget(16 / 255),
+                                      pgd=configs.PGD(step_size=3 / 255, steps=steps,
+                                                      random_start=0.25 if objectives.needs_random_start(host) else 0))
+    key = prng.base_key(0)
+    state = init_fn(batch, key)
+    step = jax.jit(step_fn)
+    for _ in range(steps):
+        state, m = step(state, batch, key)
+        assert np.all(np.isfinite(np.asarray(m["loss"])))
+        assert np.all(np.asarray(m["grad_norm"]) > 0), "zero gradient: the host would never move"
+    evaluate = jax.jit(lambda d, k: loss_fn(d, batch, batch["emb"], k))
+    before, after = [], []
+    for s in range(3):  # same (t, eps) draws before and after
+        keys = prng.image_keys(prng.base_key(100 + s), batch["uid"], 0)
+        start = init_fn(batch, key).delta
+        before.append(np.asarray(evaluate(start, keys)))
+        after.append(np.asarray(evaluate(state.delta, keys)))
+    before, after = np.mean(before, 0), np.mean(after, 0)
+    assert np.all(after < before), (host, before, after)
+    assert float(jnp.max(jnp.abs(state.delta))) <= 16 / 255 + 1e-6
+
+
+def test_sa_attention_maps_are_probabilities(world):
+    sur, batch = world
+    z = sur.encode(batch["x0"])
+    t = jnp.array([500, 500])
+    _, maps = sur.unet_out(z, t, batch["emb"], attention=lambda p: True,
+                           **objectives.common.conditioning(sur, batch["x0"], batch))
+    assert any(k.endswith("attn2") for k in maps) and any(k.endswith("attn1") for k in maps)
+    for k, m in maps.items():
+        np.testing.assert_allclose(np.asarray(m.sum(-1)), 1.0, rtol=1e-5)  # rows of a softmax
+
+
+def test_unknown_objective_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown objective"):
+        objectives.make_objective("nope", None)
