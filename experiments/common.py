@@ -57,6 +57,8 @@ def define_protect_flags():
     DEFINE_bool("preview_edit", False, "Report: the surrogate's own edit of the original and of the protected "
                 "image (same prompt, same noise).")
     DEFINE_integer("preview_steps", 20, "Denoising steps of the preview edit.")
+    DEFINE_float("preview_guidance", 7.5, "Preview edit: text guidance (diffusers default 7.5).")
+    DEFINE_float("preview_image_guidance", 1.5, "Preview edit: InstructPix2Pix image guidance (default 1.5).")
     DEFINE_string("default_prompt", "make it a watercolor painting",
                         "Edit instruction / caption used for images without a prompts row.")
     # multi-host (tdae_jax/parallel/multihost.py; launch/*.sh)
@@ -100,9 +102,15 @@ def run_config_from_flags(F):
     from tdae_jax.data import io as dio
     from tdae_jax.pipeline import RunConfig
 
-    images = F.images or str(dio.sample_dir())
+    images = resolve_package_path(F.images) if F.images else str(dio.sample_dir())
+    weights_dir = F.weights_dir
+    if weights_dir.startswith("miniature:"):  # a shipped miniature model, e.g. miniature:ip2p_a
+        from tdae_jax.miniature import shipped
+
+        weights_dir = str(shipped.path(weights_dir.split(":", 1)[1]))
     return RunConfig(
-        images=images, workdir=F.workdir, prompts=F.prompts, weights_dir=F.weights_dir, surrogate=F.surrogate,
+        images=images, workdir=F.workdir, prompts=resolve_package_path(F.prompts) if F.prompts else "",
+        weights_dir=weights_dir, surrogate=F.surrogate,
         defense=F.defense,
         objective=configs.Objective(name=F.objective, timesteps=F.timesteps, denoise_steps=F.denoise_steps,
                                     guidance_scale=F.guidance_scale, image_guidance_scale=F.image_guidance_scale,
@@ -116,8 +124,18 @@ def run_config_from_flags(F):
         batch_size=F.batch_size, seed=F.seed, size=None if F.resize == "none" else F.size, resize=F.resize,
         num_devices=F.num_devices or None, ckpt_every=F.ckpt_every, retry_failed=F.retry_failed, report=F.report,
         log_every=F.log_every, default_prompt=F.default_prompt, preview_edit=F.preview_edit,
-        preview_steps=F.preview_steps, eot=F.eot, eot_samples=F.eot_samples,
+        preview_steps=F.preview_steps, preview_guidance=F.preview_guidance,
+        preview_image_guidance=F.preview_image_guidance, eot=F.eot, eot_samples=F.eot_samples,
     )
+
+
+def resolve_package_path(spec: str) -> str:
+    """``pkg:<relative path>`` names a file or folder shipped in ``tdae_jax/assets``; anything else is as given."""
+    if spec.startswith("pkg:"):
+        import tdae_jax
+
+        return str(Path(tdae_jax.__file__).parent / "assets" / spec[4:])
+    return spec
 
 
 def write_flagfile(F, path: Path):

@@ -72,6 +72,8 @@ class RunConfig:
     eot_samples: int = 1
     preview_edit: bool = False  # report: edit(original) | edit(protected) with the surrogate's own editor
     preview_steps: int = 20
+    preview_guidance: float = 7.5
+    preview_image_guidance: float = 1.5
 
     def defense_configs(self):
         """(fdm, tpa, dpd) as selected by ``defense`` (the flags' fdm_mode etc. fill in the details)."""
@@ -344,7 +346,9 @@ def _preview(cfg, entry, original, protected):
 
     sur = load_surrogate(cfg)
     kind = {"sd": "img2img", "ip2p": "ip2p", "inpaint": "inpaint", "sd3": "sd3_img2img"}[sur.family]
-    fn = editors.make_editor(kind, sur, num_inference_steps=cfg.preview_steps)
+    extra = {"image_guidance_scale": cfg.preview_image_guidance} if kind == "ip2p" else {}
+    fn = editors.make_editor(kind, sur, num_inference_steps=cfg.preview_steps, guidance_scale=cfg.preview_guidance,
+                             **extra)
     prompt = (entry.get("outputs") or {}).get("prompt") or cfg.default_prompt
     pair = [original, protected]
     h, w = (cfg.size, cfg.size) if cfg.size else original.shape[:2]

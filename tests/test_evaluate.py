@@ -70,15 +70,12 @@ def test_parse_victims():
             ev.parse_victims(bad)
 
 
-def test_identical_images_give_ideal_scores():
-    import jax
-
-    from tdae_jax.metrics.lpips import LPIPS
+def test_identical_images_give_ideal_scores(tmp_path):
+    from tdae_jax.metrics.lpips import load_lpips_params, make_lpips_fn
 
     a = np.random.default_rng(0).random((2, 48, 48, 3)).astype(np.float32)
-    params = LPIPS("alex").init(jax.random.key(0), a[:1], a[:1])["params"]
-    params = jax.tree.map(lambda p: abs(p) if p.ndim == 2 else p, params)  # non-negative heads, as trained
-    s = ev.compare(a, a, lambda x, y: LPIPS("alex").apply({"params": params}, x, y), psnr_cap=100.0)
+    lpips_fn = make_lpips_fn(load_lpips_params(str(_random_lpips_npz(tmp_path / "lpips.npz"))))
+    s = ev.compare(a, a, lpips_fn, psnr_cap=100.0)
     assert set(s) == set(ev.METRICS)
     np.testing.assert_array_equal(s["psnr"], [100.0, 100.0])
     np.testing.assert_array_equal(s["lpips"], [0.0, 0.0])

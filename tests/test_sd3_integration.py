@@ -26,6 +26,7 @@ from tdae_jax.defenses import dpd as dpd_lib
 from tdae_jax.models import sd3, sd3_text
 
 PARITY_TOL = 1e-3
+FAST = {"xla_backend_optimization_level": 0}  # behaviour tests: compile cheaply (as tests/test_editors.py)
 MAX_SEQ = 16
 TR = dict(sd3.TINY_TRANSFORMER)  # 3 layers, qk rms_norm, dual attention in block 0
 
@@ -124,7 +125,7 @@ def tiny():
 
 
 def test_editor_per_image_independent_and_deterministic(tiny):
-    fn = editors.make_editor("sd3", tiny, num_inference_steps=2, strength=1.0)
+    fn = editors.make_editor("sd3", tiny, num_inference_steps=2, strength=1.0, compiler_options=FAST)
     x = jax.random.uniform(jax.random.key(1), (3, 32, 32, 3))
     emb, neg = editors.embed_prompts(tiny, ["a cat", "a dog on a hill", "snow"])
     k = jax.random.split(jax.random.key(7), 3)
@@ -139,6 +140,29 @@ def test_editor_per_image_independent_and_deterministic(tiny):
     other = np.asarray(fn(xs, es, ns, jax.random.split(jax.random.key(8), 2)))
     assert np.abs(other - a).max() > 1e-3  # other keys: other noise
     assert a.shape == (2, 32, 32, 3) and a.min() >= 0.0 and a.max() <= 1.0
+
+
+def test_pgd_objective_unrolls_the_editor(tiny):
+    """SD3 PhotoGuard-diffusion loss = ||D(editor(x)) - gray||_2 with the editor fed the objective's noise."""
+    from tdae_jax import objectives
+    from tdae_jax.objectives import common
+
+    x = jax.random.uniform(jax.random.key(2), (2, 32, 32, 3))
+    batch = {"x0": x, **tiny.text_batch(["a cat", "a dog"])}
+    keys = jax.random.split(jax.random.key(4), 2)
+    loss_fn = objectives.make_objective("pgd", tiny, configs.Objective(name="pgd", denoise_steps=4,
+                                                                       guidance_scale=7.0))
+    loss = jax.jit(loss_fn, compiler_options=FAST)(jnp.zeros_like(x), batch, batch["emb"], keys)
+    mean = tiny.moments(x)[0]
+    noise = {"encode": jax.vmap(lambda k, m: jax.random.normal(k, m.shape))(common.posterior_sample_keys(keys), mean),
+             "latents": common.draw_noise(keys, 1, mean.shape[1:])[0]}
+    fn = editors.make_editor("sd3_img2img", tiny, num_inference_steps=4, guidance_scale=7.0, output="latent",
+                             compiler_options=FAST)
+    z = fn(x, (batch["emb"], batch["pooled"]), (batch["uncond"], batch["uncond_pooled"]), keys, noise=noise)
+    ref = common.safe_l2(tiny.decode(z) - 0.5)
+    np.testing.assert_allclose(np.asarray(loss), np.asarray(ref), rtol=1e-4)
+    with pytest.raises(ValueError, match="pure noise"):  # K = 2 at strength 0.6 starts at sigma = 1
+        objectives.make_objective("pgd", tiny, configs.Objective(name="pgd", denoise_steps=2))
 
 
 def test_editor_rejects_unsupported_options(tiny):
@@ -187,12 +211,12 @@ def images(tmp_path_factory):
     return d
 
 
-FAST = ["--surrogate=sd3", "--size=32", "--steps=2", "--eps=0.03137254901960784", "--step_size=0.01",
+CLI = ["--surrogate=sd3", "--size=32", "--steps=2", "--eps=0.03137254901960784", "--step_size=0.01",
         "--num_devices=1", "--report=false", "--log_every=1", "--timesteps=2"]
 
 
 def _run(args):
-    return cli.run_cli(["tdae"] + FAST + args)
+    return cli.run_cli(["tdae"] + CLI + args)
 
 
 def _check_outputs(work, max_linf=8):

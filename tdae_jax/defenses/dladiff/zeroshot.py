@@ -230,24 +230,30 @@ def shift(ms: np.ndarray, y0: int, x0: int) -> np.ndarray:
     return ms.astype(np.float32)
 
 
-def protect_image(x_clean, x_adv, landmarks: dict, encoders, enc_params, cfg: ZSConfig, base_key, uid: int
-                  ) -> tuple[np.ndarray, dict]:
-    """Algorithm 2 on one full-resolution image ``[H,W,3]`` in [0,1], computed on the face region only (so
-    the cost does not grow with the photo). Returns ``(delta_img [H,W,3], info)`` (``info`` as :func:`protect`,
-    for one image, with ``zs/mask`` at full size and ``zs/box = (y0, y1, x0, x1)``)."""
+def protect_image(x_clean, x_adv, landmarks: dict, encoders, enc_params, cfg: ZSConfig, base_key, uid: int,
+                  bucket: int = 64) -> tuple[np.ndarray, dict]:
+    """Algorithm 2 on one full-resolution image ``[H,W,3]`` in [0,1], computed on a window around the face
+    only (the cost does not grow with the photo). The window side is rounded up to a multiple of ``bucket``
+    (zero padding beyond the image), so faces of similar size share one compilation.
+    Returns ``(delta_img [H,W,3], info)`` (``info`` as :func:`protect` for one image, ``zs/mask`` at full
+    size, ``zs/box = (y0, y1, x0, x1)`` the face region in image pixels)."""
     encoders = tuple(encoders)
     x_clean, x_adv = np.asarray(x_clean, np.float32), np.asarray(x_adv, np.float32)
+    h, w = x_clean.shape[:2]
     ms = alignments([landmarks], encoders)[0]
-    y0, y1, x0, x1 = face_box(ms, [e.size for e in encoders], x_clean.shape[:2])
+    y0, y1, x0, x1 = face_box(ms, [e.size for e in encoders], (h, w))
     if y1 - y0 < 2 or x1 - x0 < 2:
         raise ValueError(f"the face crop lies outside the image (box {(y0, y1, x0, x1)})")
-    sub = shift(ms, y0, x0)
-    d, info = protect(x_clean[None, y0:y1, x0:x1], x_adv[None, y0:y1, x0:x1], None, encoders, enc_params, cfg,
-                      base_key, [uid], ms=sub[None])
+    side = bucket * -(-max(y1 - y0, x1 - x0) // bucket)
+    pad = ((side, side), (side, side), (0, 0))
+    win = lambda a: np.pad(a, pad)[y0 + side:y0 + 2 * side, x0 + side:x0 + 2 * side]  # noqa: E731
+    d, info = protect(win(x_clean)[None], win(x_adv)[None], None, encoders, enc_params, cfg, base_key, [uid],
+                      ms=shift(ms, y0, x0)[None])
+    hh, ww = min(side, h - y0), min(side, w - x0)
     full = np.zeros_like(x_clean)
-    full[y0:y1, x0:x1] = d[0]
-    mask = np.zeros(x_clean.shape[:2] + (1,), np.float32)
-    mask[y0:y1, x0:x1] = info["zs/mask"][0]
+    full[y0:y0 + hh, x0:x0 + ww] = d[0, :hh, :ww]
+    mask = np.zeros((h, w, 1), np.float32)
+    mask[y0:y0 + hh, x0:x0 + ww] = info["zs/mask"][0, :hh, :ww]
     info = {"zs/steps": info["zs/steps"][0], "zs/cos_before": info["zs/cos_before"][0],
             "zs/cos_after": info["zs/cos_after"][0], "zs/mask": mask, "zs/box": (y0, y1, x0, x1)}
     return full, info

@@ -1,0 +1,115 @@
+"""DLADiff layer 1 (DSUR + attention loss + ADFT) and the ASPL / FSMG baselines on the tiny SD surrogate.
+
+Shapes (2 images of 32 px, 2-device mesh) and the cached surrogate are those of test_finetune and
+test_experiment_dladiff, so the compiled train / stage steps are shared within one pytest process.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tdae_jax.defenses.dladiff import adft, baselines, dsur
+from tdae_jax.editors import finetune as ft
+from tdae_jax.parallel import mesh as meshlib
+from tdae_jax.pipeline import _tiny
+
+PROMPT = "a photo of sks person"
+
+
+@pytest.fixture(scope="module")
+def sur():
+    return _tiny("sd")
+
+
+@pytest.fixture(scope="module")
+def data(sur):
+    x = np.random.default_rng(1).uniform(0, 1, (2, 32, 32, 3)).astype(np.float32)
+    emb = np.repeat(np.asarray(ft.embed_ids(sur, sur.tokenize([PROMPT]))), 2, 0)
+    return x, np.array([11, 12], np.int32), emb
+
+
+@pytest.fixture(scope="module")
+def layers(sur):
+    return dsur.select_layers(sur, 32, 16)
+
+
+def _stage1(sur, static_unet, x, uid, emb, cfg, steps):
+    mesh = ft.data_mesh(2)
+    batch = meshlib.shard_batch({"x0": jnp.asarray(x), "uid": jnp.asarray(uid), "emb": jnp.asarray(emb)}, mesh)
+    p = adft._place_perturb(adft.init_perturb(x, cfg), mesh)
+    base, su = meshlib.replicate(sur, mesh), meshlib.replicate(static_unet, mesh)
+    dyn = meshlib.replicate(sur.params["unet"], mesh)
+    att = []
+    for _ in range(steps):
+        p, m = adft.stage1_jit(p, base, su, dyn, batch, jax.random.key(0), cfg.trace_key())
+        att.append(np.asarray(m["adft/att"]))
+    return p, np.stack(att)
+
+
+def test_select_layers(sur, layers):
+    assert layers.prefixes == ("down_blocks_0", "up_blocks_1")  # the tiny UNet's 16x16 maps at 32 px
+    assert layers("down_blocks_0/attentions_0/transformer_blocks_0/attn2")
+    assert not layers("mid_block/attentions_0/transformer_blocks_0/attn1")
+    assert dsur.select_layers(sur, 32, 8).prefixes == ("mid_block",)
+    with pytest.raises(ValueError, match="no attention block"):
+        dsur.select_layers(sur, 32, 4)
+    assert dsur.select_layers(sur, 32, prefixes=["mid_block"], kinds=["attn2"]).kinds == ("attn2",)
+
+
+def test_attention_loss_zero_when_static_equals_dynamic(sur, data, layers):
+    x, uid, emb = data
+    cfg = adft.ADFTConfig(layers=layers)
+    p, att = _stage1(sur, sur.params["unet"], x, uid, emb, cfg, 1)
+    assert np.all(att[0] == 0.0)  # same UNet, same image, same t / eps / VAE draw
+    assert np.all(np.asarray(p.delta) == 0.0)  # zero gradient at the minimum: sign(0) = 0, no move
+
+
+def test_stage1_increases_attention_loss_within_budget(sur, data, layers):
+    x, uid, emb = data
+    static = jax.tree.map(lambda a: a + 0.02 * jax.random.normal(jax.random.key(5), a.shape, a.dtype),
+                          sur.params["unet"])  # a static UNet that differs from theta_pre
+    cfg = adft.ADFTConfig(layers=layers, step_size=0.01, eps=7 / 255)
+    p, att = _stage1(sur, static, x, uid, emb, cfg, 4)
+    assert np.all(att[-1] > att[0]), att  # ascent on L_att, per image
+    d = np.asarray(p.delta)
+    assert np.abs(d).max() <= cfg.eps + 1e-6 and (x + d).min() >= 0 and (x + d).max() <= 1
+
+
+def test_attention_loss_is_sum_of_squares():
+    a = {"x/attn1": jnp.ones((2, 3, 3)), "x/attn2": jnp.zeros((2, 3, 4))}
+    b = {"x/attn1": jnp.zeros((2, 3, 3)), "x/attn2": jnp.full((2, 3, 4), 0.5)}
+    np.testing.assert_allclose(np.asarray(dsur.attention_loss(a, b, w_cross=2.0, w_self=1.0)),
+                               [9 + 2 * 12 * 0.25] * 2)
+
+
+def test_adft_epoch_end_to_end(sur, data, layers):
+    x, uid, emb = data
+    static = dsur.train_static(sur, x, PROMPT, dsur.static_config(steps=1, lr=1e-3, batch_size=2),
+                               jax.random.key(2), uids=uid)
+    s_unet = jax.device_get(static.state.trainable["unet"])
+    cfg = adft.ADFTConfig(layers=layers, epochs=1, iter1=1, iter2=1, iter3=1, lr=1e-3)
+    seen = []
+    state, hist = adft.protect(sur, static.state.trainable["unet"], x, uid, emb, cfg, jax.random.key(3),
+                               on_epoch=lambda ep, st, h: seen.append(ep))
+    assert seen == [1] and len(hist["adft/att"][0]) == 1 and len(hist["adft/cond"][0]) == 1
+    assert len(hist["adft/train"][0]) == 1 and np.isfinite(hist["adft/train"][0]).all()
+    d = np.asarray(state.perturb.delta)
+    assert 0 < np.abs(d).max() <= cfg.eps + 1e-6 and (x + d).min() >= 0 and (x + d).max() <= 1
+    assert int(state.perturb.step) == 2 and int(state.dynamic.step) == 1
+    moved = jax.tree.map(lambda a, b: not np.array_equal(np.asarray(a), np.asarray(b)),
+                         state.dynamic.trainable["unet"], sur.params["unet"])
+    assert any(jax.tree.leaves(moved)), "stage 3 must update UNet_d"
+    same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), b), static.state.trainable["unet"], s_unet)
+    assert all(jax.tree.leaves(same)), "UNet_s stays frozen"
+
+
+def test_baselines_keep_budget(sur, data):
+    x, uid, emb = data
+    cfg = baselines.BaselineConfig(epochs=1, clean_steps=1, pgd_steps=1, adv_steps=1, lr=1e-3)
+    p, h = baselines.aspl(sur, x, uid, emb, x, uid, emb, cfg, jax.random.key(4))
+    d = np.asarray(p.delta)
+    assert 0 < np.abs(d).max() <= cfg.eps + 1e-6 and len(h["aspl/cond"][0]) == 1
+    cfg = baselines.BaselineConfig(method="fsmg", pgd_steps=2)
+    p, h = baselines.fsmg(sur, sur.params["unet"], x, uid, emb, cfg, jax.random.key(4))
+    d = np.asarray(p.delta)
+    assert 0 < np.abs(d).max() <= cfg.eps + 1e-6 and len(h["fsmg/cond"]) == 2
