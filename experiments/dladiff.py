@@ -22,12 +22,18 @@ from experiments import common
 FLAGS = flags.FLAGS
 
 
+SHARED = ("images", "workdir", "weights_dir", "surrogate", "seed", "size", "resize", "num_devices", "ckpt_every",
+          "retry_failed", "report")
+
+
 def _define(kind: str, name: str, default, *args):
-    """Define a flag once: the IO flags are shared (same meaning) with experiments.tdae in one process.
-    ``args``: the help string (enum: the choices, then the help string)."""
+    """Define a flag once. The IO flags (``SHARED``) mean the same in experiments.tdae: when both modules are
+    imported in one process (the test suite) whichever comes first defines them, and ours allow the other's
+    definition to replace them (the flagfiles set every value they rely on). ``args``: the help string
+    (enum: the choices, then the help string)."""
     if name in FLAGS:
         return
-    common._track(getattr(flags, f"DEFINE_{kind}"))(name, default, *args)
+    common._track(getattr(flags, f"DEFINE_{kind}"))(name, default, *args, allow_override=name in SHARED)
 
 
 def define_flags():
@@ -98,6 +104,8 @@ def config_from_flags(F):
     from tdae_jax.data import io as dio
     from tdae_jax.defenses.dladiff import adft, baselines, dsur, run, zeroshot
 
+    if F.surrogate != "sd":
+        raise ValueError(f"DLADiff protects against Stable Diffusion fine-tuning: --surrogate must be sd, got {F.surrogate}")
     return run.DLADiffRunConfig(
         images=F.images or str(dio.sample_dir()), workdir=F.workdir, clean_images=F.clean_images,
         weights_dir=F.weights_dir, surrogate=F.surrogate, method=F.method, layer2=F.layer2, prompt=F.prompt,

@@ -10,8 +10,8 @@ from tdae_jax.miniature import train as T
 NAMES = shipped.names()
 IP2P = [n for n in NAMES if n.startswith("ip2p_")]
 # minimum success on 16 held-out recolour pairs (world seed 2000, 1-2 objects, 10 DDIM steps, no guidance)
-MIN_SUCCESS = {"ip2p_a": 0.5}
-DEFAULT_MIN_SUCCESS = 0.3
+MIN_SUCCESS = {"ip2p_a": 0.6}   # measured 0.81 (13/16); ip2p_b, ip2p_c measured 0.69 (11/16)
+DEFAULT_MIN_SUCCESS = 0.5
 
 pytestmark = pytest.mark.skipif(not NAMES, reason="no shipped miniature models")
 

@@ -100,7 +100,7 @@ def test_editor_matches_diffusers_img2img_pipeline(torch_tiny):
     g = torch.Generator().manual_seed(11)  # the pipeline's draws, in order: posterior sample, start noise
     noise = {"encode": t2n(torch.randn(2, 16, 16, 16, generator=g)), "latents": t2n(torch.randn(2, 16, 16, 16,
                                                                                                generator=g))}
-    fn = editors.make_editor("sd3_img2img", model, num_inference_steps=steps, output="latent")
+    fn = editors.make_editor("sd3_img2img", model, num_inference_steps=steps, output="latent", compiler_options=FAST)
     assert (fn.config.strength, fn.config.guidance_scale) == (0.6, 7.0) and fn.plan[0].shape == (4,)
     emb = (jnp.asarray(t2n(pe)), jnp.asarray(t2n(pooled)))
     neg = (jnp.asarray(t2n(npe)), jnp.asarray(t2n(npooled)))
@@ -112,7 +112,7 @@ def test_editor_matches_diffusers_img2img_pipeline(torch_tiny):
     with torch.no_grad():  # the decoded image, as the pipeline's postprocess
         ref_img = pipe.vae.decode(ref / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor).sample
         ref_img = t2n((ref_img / 2 + 0.5).clamp(0, 1)).transpose(0, 2, 3, 1)
-    ours = np.clip(np.asarray(jax.jit(lambda m, z: m.decode(z))(model, z)), 0, 1)
+    ours = np.clip(np.asarray(jax.jit(lambda m, z: m.decode(z), compiler_options=FAST)(model, z)), 0, 1)
     assert np.abs(ours - ref_img).max() <= PARITY_TOL
 
 
@@ -127,7 +127,8 @@ def tiny():
 def test_editor_per_image_independent_and_deterministic(tiny):
     fn = editors.make_editor("sd3", tiny, num_inference_steps=2, strength=1.0, compiler_options=FAST)
     x = jax.random.uniform(jax.random.key(1), (3, 32, 32, 3))
-    emb, neg = editors.embed_prompts(tiny, ["a cat", "a dog on a hill", "snow"])
+    tb = tiny.text_batch(["a cat", "a dog on a hill", "snow"])
+    emb, neg = (tb["emb"], tb["pooled"]), (tb["uncond"], tb["uncond_pooled"])
     k = jax.random.split(jax.random.key(7), 3)
     take = lambda idx: (x[idx], (emb[0][idx], emb[1][idx]), (neg[0][idx], neg[1][idx]), k[idx])  # noqa: E731
     a = np.asarray(fn(*take(np.array([0, 1]))))
@@ -147,19 +148,19 @@ def test_pgd_objective_unrolls_the_editor(tiny):
     from tdae_jax import objectives
     from tdae_jax.objectives import common
 
-    x = jax.random.uniform(jax.random.key(2), (2, 32, 32, 3))
-    batch = {"x0": x, **tiny.text_batch(["a cat", "a dog"])}
-    keys = jax.random.split(jax.random.key(4), 2)
+    x = jax.random.uniform(jax.random.key(2), (3, 32, 32, 3))
+    batch = {"x0": x, **tiny.text_batch(["a cat", "a dog on a hill", "snow"])}
+    keys = jax.random.split(jax.random.key(4), 3)
     loss_fn = objectives.make_objective("pgd", tiny, configs.Objective(name="pgd", denoise_steps=4,
                                                                        guidance_scale=7.0))
     loss = jax.jit(loss_fn, compiler_options=FAST)(jnp.zeros_like(x), batch, batch["emb"], keys)
-    mean = tiny.moments(x)[0]
-    noise = {"encode": jax.vmap(lambda k, m: jax.random.normal(k, m.shape))(common.posterior_sample_keys(keys), mean),
-             "latents": common.draw_noise(keys, 1, mean.shape[1:])[0]}
+    shape = (16, 16, 16)  # latents of a 32 px image (tiny VAE: 2x down)
+    noise = {"encode": jax.vmap(lambda k: jax.random.normal(k, shape))(common.posterior_sample_keys(keys)),
+             "latents": common.draw_noise(keys, 1, shape)[0]}
     fn = editors.make_editor("sd3_img2img", tiny, num_inference_steps=4, guidance_scale=7.0, output="latent",
                              compiler_options=FAST)
     z = fn(x, (batch["emb"], batch["pooled"]), (batch["uncond"], batch["uncond_pooled"]), keys, noise=noise)
-    ref = common.safe_l2(tiny.decode(z) - 0.5)
+    ref = jax.jit(lambda m, z: common.safe_l2(m.decode(z) - 0.5), compiler_options=FAST)(tiny, z)
     np.testing.assert_allclose(np.asarray(loss), np.asarray(ref), rtol=1e-4)
     with pytest.raises(ValueError, match="pure noise"):  # K = 2 at strength 0.6 starts at sigma = 1
         objectives.make_objective("pgd", tiny, configs.Objective(name="pgd", denoise_steps=2))

@@ -7,7 +7,8 @@ config, 3.0), truncated at img2img ``strength`` (pipeline default 0.6: ``t_start
 start latent ``(1 - σ_s) z_0 + σ_s ε`` from the posterior sample ``z_0``, CFG on the velocity
 ``v_u + g (v_c - v_u)`` (negative = the encoded empty prompt, with its own pooled projection) and Euler steps
 ``z += (σ_{i+1} - σ_i) v``; then the VAE decoder. Minimized: ``||D(edit_K(x + delta, e)) - y_tgt||_2`` with
-y_tgt the mid-gray image (0 in [-1, 1]; ``--target``), as the SD version. Each step is ``jax.checkpoint``-ed.
+y_tgt the mid-gray image (0 in [-1, 1]; ``--target``), as the SD version. Each step is ``jax.checkpoint``-ed
+unless ``cfg.remat`` is off (``--remat``).
 
 ``emb`` is SD3's ``prompt_embeds`` (what DPD perturbs); ``batch["pooled"]`` / ``batch["uncond_pooled"]`` stay fixed.
 """
@@ -53,7 +54,6 @@ def make_diffusion(sur, cfg: Objective, strength: float = STRENGTH):
         noise = common.draw_noise(keys, 1, z0.shape[1:])[0]
         z = flow_match.scale_noise(z0, noise, sig[0])
 
-        @jax.checkpoint
         def denoise(z, i):
             t = jnp.asarray(ts)[i]
             v = sur.velocity_t(z, t, emb, pooled).astype(jnp.float32)
@@ -63,7 +63,7 @@ def make_diffusion(sur, cfg: Objective, strength: float = STRENGTH):
             s = jnp.asarray(sig)
             return flow_match.euler_step(v, s[i], s[i + 1], z), None
 
-        z, _ = jax.lax.scan(denoise, z, jnp.arange(ts.shape[0]))
+        z, _ = jax.lax.scan(jax.checkpoint(denoise) if cfg.remat else denoise, z, jnp.arange(ts.shape[0]))
         y = sur.decode(z)
         tgt = photoguard._target_image(batch["x0"], "gray" if cfg.target == "zero" else cfg.target)
         return common.safe_l2(y - tgt)

@@ -107,8 +107,9 @@ def init_state(surrogate, x0, cfg: ADFTConfig) -> ADFTState:
     return ADFTState(init_perturb(x0, cfg), ft.init_state(surrogate, cfg.stage3(np.shape(x0)[0])))
 
 
-def _keys(base_key, stream: str, uid, step):
-    return prng.image_keys(prng.split_named(base_key, stream)[stream], uid, step)
+def stream_key(base_key, stream: str):
+    """The key of a named stream (derived outside the compiled steps, so one compilation serves every stream)."""
+    return prng.split_named(base_key, stream)[stream]
 
 
 def _pgd_apply(cfg, p: PerturbState, grad, x0) -> PerturbState:
@@ -117,10 +118,11 @@ def _pgd_apply(cfg, p: PerturbState, grad, x0) -> PerturbState:
     return PerturbState(delta, opt_state, p.step + 1)
 
 
-def stage1_step(p: PerturbState, base_sur, static_unet, dynamic_unet, batch: dict, base_key, cfg):
-    """One PGD ascent step on L_att (both UNets frozen). ``batch``: ``x0 [B,H,W,3]``, ``uid [B]``, ``emb [B,T,D]``.
-    Returns ``(PerturbState, {"adft/att": [B] before the step, "budget/linf": [B]})``."""
-    keys = _keys(base_key, STREAMS[0], batch["uid"], p.step)
+def stage1_step(p: PerturbState, base_sur, static_unet, dynamic_unet, batch: dict, key, cfg):
+    """One PGD ascent step on L_att (both UNets frozen). ``batch``: ``x0 [B,H,W,3]``, ``uid [B]``, ``emb [B,T,D]``;
+    ``key``: the stage's stream key (:func:`stream_key`). Returns ``(PerturbState, {"adft/att": [B] before the
+    step, "budget/linf": [B]})``."""
+    keys = prng.image_keys(key, batch["uid"], p.step)
     s_sur = base_sur.replace(params={**base_sur.params, "unet": static_unet})
     d_sur = base_sur.replace(params={**base_sur.params, "unet": dynamic_unet})
     x0 = batch["x0"]
@@ -135,9 +137,9 @@ def stage1_step(p: PerturbState, base_sur, static_unet, dynamic_unet, batch: dic
     return p, {"adft/att": la, "budget/linf": pgd_lib.per_image_linf(p.delta)}
 
 
-def stage2_step(p: PerturbState, base_sur, unet, batch: dict, base_key, cfg, stream: str = STREAMS[1]):
+def stage2_step(p: PerturbState, base_sur, unet, batch: dict, key, cfg):
     """One PGD ascent step on L_cond against ``unet`` (ASPL-style; also the FSMG/ASPL baselines' step)."""
-    keys = _keys(base_key, stream, batch["uid"], p.step)
+    keys = prng.image_keys(key, batch["uid"], p.step)
     sur = base_sur.replace(params={**base_sur.params, "unet": unet})
     x0 = batch["x0"]
 
@@ -151,14 +153,14 @@ def stage2_step(p: PerturbState, base_sur, unet, batch: dict, base_key, cfg, str
 
 
 stage1_jit = jax.jit(stage1_step, static_argnames=("cfg",), donate_argnums=(0,))
-stage2_jit = jax.jit(stage2_step, static_argnames=("cfg", "stream"), donate_argnums=(0,))
+stage2_jit = jax.jit(stage2_step, static_argnames=("cfg",), donate_argnums=(0,))
 
 
 def train_on(dynamic: ft.TrainState, frozen, x, uid, emb, base_key, ftcfg: ft.FinetuneConfig, mesh,
              stream: str = STREAMS[2], prior: dict | None = None):
     """``ftcfg.steps`` full-batch training steps of a UNet on ``x [B,H,W,3]`` (stage 3; ASPL's two trainings).
     Returns ``(state, [losses])``."""
-    key = prng.split_named(base_key, stream)[stream]
+    key = stream_key(base_key, stream)
     b = x.shape[0]
     losses = []
     for _ in range(ftcfg.steps):
@@ -179,11 +181,12 @@ def run_epoch(state: ADFTState, base_sur, static_unet, batch: dict, base_key, cf
     p, dyn = state
     hist = {"adft/att": [], "adft/cond": [], "adft/train": []}
     key_cfg = cfg.trace_key()
+    k1, k2 = stream_key(base_key, STREAMS[0]), stream_key(base_key, STREAMS[1])
     for _ in range(cfg.iter1):
-        p, m = stage1_jit(p, base_sur, static_unet, dyn.trainable["unet"], batch, base_key, key_cfg)
+        p, m = stage1_jit(p, base_sur, static_unet, dyn.trainable["unet"], batch, k1, key_cfg)
         hist["adft/att"].append(np.asarray(m["adft/att"]))
     for _ in range(cfg.iter2):
-        p, m = stage2_jit(p, base_sur, dyn.trainable["unet"], batch, base_key, pgd_view(cfg))
+        p, m = stage2_jit(p, base_sur, dyn.trainable["unet"], batch, k2, pgd_view(cfg))
         hist["adft/cond"].append(np.asarray(m["adft/cond"]))
     if cfg.iter3:
         x_adv = jnp.clip(batch["x0"] + p.delta, 0.0, 1.0)

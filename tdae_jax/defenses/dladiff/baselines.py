@@ -70,6 +70,7 @@ def aspl(surrogate, x0, uid, emb, x_clean, uid_clean, emb_clean, cfg: BaselineCo
     frozen = ft.frozen_part(base, tr_adv)
     f = meshlib.replicate(ft.init_state(surrogate, tr_adv), mesh)
     hist = {"aspl/cond": [], "aspl/train_clean": [], "aspl/train_adv": []}
+    kp = adft.stream_key(base_key, "aspl/pgd")
     for ep in range(cfg.epochs):
         # ADB's train_one_epoch builds a fresh AdamW on every call: the optimizer state never persists
         f_sur = _fresh(_copy(f.trainable), f.step, tr_clean)
@@ -77,7 +78,7 @@ def aspl(surrogate, x0, uid, emb, x_clean, uid_clean, emb_clean, cfg: BaselineCo
                                        mesh_c, stream="aspl/clean")
         conds = []
         for _ in range(cfg.pgd_steps):
-            p, m = adft.stage2_jit(p, base, f_sur.trainable["unet"], batch, base_key, adft.pgd_view(cfg), "aspl/pgd")
+            p, m = adft.stage2_jit(p, base, f_sur.trainable["unet"], batch, kp, adft.pgd_view(cfg))
             conds.append(np.asarray(m["adft/cond"]))
         x_adv = jnp.clip(batch["x0"] + p.delta, 0.0, 1.0)
         f = _fresh(f.trainable, f.step, tr_adv)
@@ -100,9 +101,9 @@ def fsmg(surrogate, fixed_unet, x0, uid, emb, cfg: BaselineConfig, base_key, *, 
     base = meshlib.replicate(surrogate, mesh)
     unet = meshlib.replicate(fixed_unet, mesh)
     p = adft._place_perturb(adft.init_perturb(x0, cfg), mesh)
-    conds = []
+    conds, kp = [], adft.stream_key(base_key, "fsmg/pgd")
     for _ in range(cfg.pgd_steps):
-        p, m = adft.stage2_jit(p, base, unet, batch, base_key, adft.pgd_view(cfg), "fsmg/pgd")
+        p, m = adft.stage2_jit(p, base, unet, batch, kp, adft.pgd_view(cfg))
         conds.append(np.asarray(m["adft/cond"]))
     return p, {"fsmg/cond": conds}
 

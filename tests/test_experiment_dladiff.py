@@ -1,0 +1,119 @@
+"""python -m experiments.dladiff end to end on the tiny surrogate: the five flagfiles with short step counts,
+the workdir contract, budgets on disk, exit codes 0 / 1 / 2 and resume.
+
+Inputs are the shipped astronaut and cat (256 px): layer 1 works at 32 px on the tiny surrogate (2 images,
+the shapes of test_dladiff), layer 2 at 256 px on the astronaut with the landmarks of test_zeroshot and the
+random tiny IResNet, so every compiled step is shared with those files.
+"""
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from experiments import dladiff as cli
+from tdae_jax.data import io as dio
+
+FLAGS_DIR = Path(__file__).resolve().parents[1] / "experiments" / "flags"
+ASTRONAUT_DLIB = [[127.0, 52.0], [119.0, 52.0], [97.0, 50.0], [106.0, 51.0], [112.0, 67.0]]
+SHORT = ["--static_steps=1", "--static_batch=2", "--epochs=1", "--iter1=1", "--iter2=1", "--iter3=1",
+         "--aspl_clean_steps=1", "--aspl_pgd_steps=1", "--aspl_adv_steps=1", "--fsmg_steps=1", "--ckpt_every=0",
+         "--encoders=iresnet_tiny", "--detector=none", "--zs_max_steps=12", "--step_zs=0.004", "--zs_threshold=0",
+         "--zs_check_every=6"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("identity")
+    for name in ("astronaut.png", "chelsea.png"):
+        shutil.copy(dio.sample_dir() / name, d / name)
+    lm = d.parent / "landmarks.json"
+    lm.write_text(json.dumps({"astronaut.png": {"dlib": ASTRONAUT_DLIB}}))
+    return d, lm
+
+
+def run(flagfile, inputs, work, *extra):
+    d, lm = inputs
+    return cli.run_cli(["dladiff", f"--flagfile={FLAGS_DIR / flagfile}", f"--images={d}", f"--workdir={work}",
+                        f"--landmarks={lm}", *SHORT, *extra])
+
+
+def rows(work):
+    with open(work / "metrics.csv") as f:
+        return {r["id"]: r for r in csv.DictReader(f)}
+
+
+def jsonl(work):
+    return {r["id"]: r for r in map(json.loads, (work / "metrics.jsonl").read_text().splitlines())}
+
+
+def _linf(work, d, name):
+    a = np.asarray(Image.open(work / "protected" / f"{name}.png"), np.int16)
+    b = np.asarray(Image.open(d / f"{name}.png").convert("RGB"), np.int16)
+    assert a.shape == b.shape  # outputs keep the original resolution
+    return np.abs(a - b).max()
+
+
+def test_layer1_flagfile_and_resume(inputs, tmp_path, capsys):
+    work = tmp_path / "l1"
+    before = {p.name: p.read_bytes() for p in inputs[0].iterdir()}
+    assert run("dladiff_layer1.flags", inputs, work) == 0
+    r = rows(work)
+    for name in ("astronaut", "chelsea"):
+        assert r[name]["status"] == "done", r[name]["error"]
+        assert 0 < int(r[name]["linf_255"]) <= 7 and 0 < _linf(work, inputs[0], name) <= 7
+    assert 0 < float(jsonl(work)["astronaut"]["ism_pro/iresnet_tiny"]) <= 1.0  # scored, not attacked
+    for f in ("metrics.jsonl", "report.html", "flags.flags", "git_revision.txt", "manifest.json", "config.json"):
+        assert (work / f).exists(), f
+    assert "--method=dladiff" in (work / "flags.flags").read_text()
+    assert json.loads((work / "config.json").read_text())["size"] == 32  # the tiny surrogate's layer-1 size
+    assert not (work / "ckpt").exists()
+    assert {p.name: p.read_bytes() for p in inputs[0].iterdir()} == before  # originals untouched
+    stamp = (work / "protected" / "astronaut.png").stat().st_mtime_ns
+    assert run("dladiff_layer1.flags", inputs, work) == 0  # resume: nothing left to do
+    assert (work / "protected" / "astronaut.png").stat().st_mtime_ns == stamp
+    assert "2 skipped" in capsys.readouterr().out
+
+
+def test_layer2_flagfile(inputs, tmp_path):
+    work = tmp_path / "l2"
+    assert run("dladiff_layer2.flags", inputs, work) == 0
+    j = jsonl(work)
+    a, c = j["astronaut"], j["chelsea"]
+    assert a["status"] == "done" and a["zs_steps"] == 12
+    assert 0 < a["linf_255"] <= 11 and a["linf_outside_255"] == 0  # only inside the aligned face crop
+    assert a["ism_pro"] < a["zs_cos_before"][0] - 0.005  # identity similarity lowered, measured on the PNG
+    assert c["status"] == "done" and c["zs_steps"] == 0 and c["linf_255"] == 0  # no face: left as is
+
+
+def test_both_layers_and_missing_face_fails(inputs, tmp_path, capsys):
+    work = tmp_path / "both"
+    assert run("dladiff_both.flags", inputs, work, "--missing_face=fail") == 1
+    j = jsonl(work)
+    a, c = j["astronaut"], j["chelsea"]
+    assert a["status"] == "done" and a["zs_steps"] == 12
+    assert 0 < a["linf_outside_255"] <= 7 and 7 < a["linf_255"] <= 18  # eta_ft outside, eta_ft + eta_zs inside
+    assert c["status"] == "failed" and "chelsea.png" in c["error"] and "no face landmarks" in c["error"]
+    assert "chelsea.png" in capsys.readouterr().err
+    assert not (work / "protected" / "chelsea.png").exists()
+
+
+@pytest.mark.parametrize("flagfile", ["dladiff_aspl.flags", "dladiff_fsmg.flags"])
+def test_baseline_flagfiles(inputs, tmp_path, flagfile):
+    work = tmp_path / flagfile.split(".")[0]
+    assert run(flagfile, inputs, work) == 0
+    r = rows(work)
+    for name in ("astronaut", "chelsea"):
+        assert r[name]["status"] == "done" and 0 < int(r[name]["linf_255"]) <= 7
+    assert json.loads((work / "config.json").read_text())["method"] == flagfile.split("_")[1].split(".")[0]
+
+
+def test_usage_errors(inputs, tmp_path, capsys):
+    assert run("dladiff_layer1.flags", inputs, tmp_path / "x", f"--images={tmp_path / 'nope'}") == 2
+    assert run("dladiff_layer1.flags", inputs, tmp_path / "y", "--method=none") == 2
+    assert "nothing to do" in capsys.readouterr().err
+    assert run("dladiff_layer1.flags", inputs, inputs[0] / "out") == 2  # workdir inside the input folder
+    assert not (inputs[0] / "out").exists()
