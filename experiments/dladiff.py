@@ -90,7 +90,8 @@ def define_flags():
     _define("float", "zs_jitter_linear", 0.01, "Std of the alignment jitter on the 2x2 part.")
     _define("float", "zs_jitter_translation", 1.0, "Std of the alignment jitter on the translation (px).")
     _define("enum", "zs_space", "aligned", ["aligned", "image"], "Where delta_zs lives.")
-    _define("list", "encoders", ["dlib"], "Identity encoders: dlib, iresnet18/34/50/100, iresnet_tiny.")
+    _define("list", "encoders", ["dlib"], "Identity encoders: dlib, onnx:<path.onnx> (insightface ArcFace), "
+            "iresnet18/34/50/100 (random init unless --encoder_params), iresnet_tiny.")
     _define("list", "encoder_params", [], "name=path.msgpack Flax params for IResNet encoders.")
     _define("string", "landmarks", "", "JSON {id or file name: [[x,y]]*5 insightface order | {arcface|dlib: ...}}.")
     _define("enum", "detector", "auto", ["auto", "dlib", "none"], "Face landmarks when not in --landmarks.")

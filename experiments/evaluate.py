@@ -7,9 +7,10 @@ seed, noise and prompt), under each purification, and compare (spec TDAE.md §11
         --purify=none,jpeg95,jpeg75,jpeg50,resize,blur,noise,diffpure,noisyup --seeds=0,1,2
 
 Victims: ``NAME:FAMILY:SOURCE[|key=value...]`` separated by commas; FAMILY sd (img2img/SDEdit), ip2p
-(InstructPix2Pix) or inpaint; SOURCE ``tiny``, ``tiny@SEED`` (random tiny models: plumbing only), ``mini:NAME``
-(a shipped miniature model, FAMILY may be left empty) or a local diffusers-format directory; keys: kind,
-steps, strength, guidance, image_guidance, scheduler, eta (override the --edit_* flags for that victim).
+(InstructPix2Pix) or inpaint; SOURCE ``tiny``, ``tiny@SEED`` (random tiny models: plumbing only),
+``miniature:NAME`` (a shipped miniature model, as --weights_dir of the protect command; FAMILY may be left
+empty) or a local diffusers-format directory; keys: kind, steps, strength, guidance, image_guidance,
+scheduler, eta (override the --edit_* flags for that victim).
 
 Outputs in --outdir (default <run>/eval for a single run): metrics.csv / metrics.jsonl (one row per run x
 image x victim x purifier x seed x kind), matrix.md (surrogate x victim, mean ± std), report.html (image grids),
@@ -49,9 +50,11 @@ _define("float", "edit_image_guidance", 1.5, "InstructPix2Pix image guidance (di
 _define("string", "edit_scheduler", "", "Sampler (ddim, pndm, euler, euler_ancestral, ...); empty = the model's own.")
 _define("float", "edit_eta", 0.0, "DDIM eta.")
 _define("string", "edit_prompt", "", "Edit text for every image; empty = each run's prompts / default prompt.")
-_define("string", "lpips_weights", "", "Comma-separated local LPIPS weight files (.safetensors/.npz); empty = no LPIPS.")
+_define("string", "lpips_weights", "",
+        "Comma-separated local LPIPS weight files (.safetensors/.npz); empty = no LPIPS.")
 _define("string", "lpips_net", "alex", "LPIPS trunk: alex (spec §11) or vgg.")
-_define("string", "purifier_model", "", "FAMILY:SOURCE of the diffpure/noisyup model (sd family); empty = first sd victim.")
+_define("string", "purifier_model", "",
+        "FAMILY:SOURCE of the diffpure/noisyup model (sd family); empty = the first sd victim.")
 _define("integer", "purify_steps", 0, "Inference steps of diffpure/noisyup (img2img runs steps*t); 0 = 50.")
 _define("float", "noisyup_sigma", 0.1, "Noisy Upscaling noise std in [0,1] units (Hönig et al.: 0.1).")
 _define("integer", "eval_size", 0, "Working size override (multiple of 8); 0 = each run's own --size.")

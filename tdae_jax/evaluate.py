@@ -54,8 +54,8 @@ EDIT_KIND = {"sd": "img2img", "ip2p": "ip2p", "inpaint": "inpaint"}
 EDIT_STEP = prng.image_uid("tdae_jax.evaluate/edit")
 OPTION_KEYS = {"kind": str, "steps": int, "strength": float, "guidance": float, "image_guidance": float,
                "scheduler": str, "eta": float}
-COLUMNS = ("run", "surrogate", "objective", "defense", "eps", "eot", "id", "source", "victim", "victim_family", "editor",
-           "kind", "purify", "seed", "seed_b", *METRICS, "imp_psnr", "imp_ssim", "imp_lpips", "imp_linf_255",
+COLUMNS = ("run", "surrogate", "objective", "defense", "eps", "eot", "id", "source", "victim", "victim_family",
+           "editor", "kind", "purify", "seed", "seed_b", *METRICS, "imp_psnr", "imp_ssim", "imp_lpips", "imp_linf_255",
            "worst_by")
 
 
@@ -78,9 +78,10 @@ class EditSettings:
 
 @dataclasses.dataclass(frozen=True)
 class VictimSpec:
-    """``NAME:FAMILY:SOURCE[|key=value...]``; SOURCE = ``tiny`` | ``tiny@SEED`` | ``mini:NAME`` (a shipped
-    miniature model; FAMILY may be empty) | a local diffusers-format directory. Keys override the global
-    edit settings for this victim: kind, steps, strength, guidance, image_guidance, scheduler, eta."""
+    """``NAME:FAMILY:SOURCE[|key=value...]``; SOURCE = ``tiny`` | ``tiny@SEED`` | ``miniature:NAME`` (a shipped
+    miniature model, alias ``mini:NAME``; FAMILY may be empty) | a local diffusers-format directory. Keys
+    override the global edit settings for this victim: kind, steps, strength, guidance, image_guidance,
+    scheduler, eta."""
 
     name: str
     family: str
@@ -90,7 +91,8 @@ class VictimSpec:
     def editor_kwargs(self, edit: EditSettings) -> dict:
         o = dict(self.options)
         kind = o.get("kind", EDIT_KIND[self.family])
-        kw = dict(kind=kind, num_inference_steps=o.get("steps", edit.steps), guidance_scale=o.get("guidance", edit.guidance),
+        kw = dict(kind=kind, num_inference_steps=o.get("steps", edit.steps),
+                  guidance_scale=o.get("guidance", edit.guidance),
                   image_guidance_scale=o.get("image_guidance", edit.image_guidance),
                   scheduler=o.get("scheduler", edit.scheduler) or None, eta=o.get("eta", edit.eta))
         if kind != "ip2p":  # InstructPix2Pix has no strength
@@ -102,7 +104,8 @@ def parse_model(spec: str, name: str = "") -> VictimSpec:
     """``FAMILY:SOURCE`` (or ``NAME:FAMILY:SOURCE``) -> VictimSpec without options."""
     parts = spec.strip().split(":", 1)
     if len(parts) != 2:
-        raise UsageError(f"model {spec!r}: expected FAMILY:SOURCE (e.g. sd:tiny, ip2p:mini:ip2p_a, sd:/models/sd14)")
+        raise UsageError(f"model {spec!r}: expected FAMILY:SOURCE (e.g. sd:tiny, ip2p:miniature:ip2p_a, "
+                         "sd:/models/sd14)")
     return _victim(name or spec, parts[0], parts[1], (), spec)
 
 
@@ -134,19 +137,27 @@ def parse_victims(spec: str | Sequence[str]) -> tuple[VictimSpec, ...]:
     return tuple(out)
 
 
+def _shipped_name(source: str) -> str | None:
+    """``miniature:NAME`` / ``mini:NAME`` -> NAME, else None."""
+    for prefix in ("miniature:", "mini:"):
+        if source.startswith(prefix):
+            return source[len(prefix):]
+    return None
+
+
 def _victim(name, family, source, options, item) -> VictimSpec:
     family, source = family.strip(), source.strip()
-    if source.startswith("mini:") and not family:
+    if _shipped_name(source) is not None and not family:
         from tdae_jax.miniature import shipped
 
         try:
-            family = shipped.family(source[5:])
+            family = shipped.family(_shipped_name(source))
         except (FileNotFoundError, KeyError) as e:
             raise UsageError(f"victim {item!r}: {e}") from None
     if family not in EDIT_KIND:
         raise UsageError(f"victim {item!r}: family must be one of {sorted(EDIT_KIND)}, got {family!r}")
     if not source:
-        raise UsageError(f"victim {item!r}: empty SOURCE (tiny, tiny@SEED, mini:NAME or a directory)")
+        raise UsageError(f"victim {item!r}: empty SOURCE (tiny, tiny@SEED, miniature:NAME or a directory)")
     return VictimSpec(name.strip(), family, source, options)
 
 
@@ -158,10 +169,10 @@ def load_model(family: str, source: str):
     try:
         if source == "tiny" or source.startswith("tiny@"):
             return models.tiny(family, seed=int(source[5:] or 0) if "@" in source else 0)
-        if source.startswith("mini:"):
+        if _shipped_name(source) is not None:
             from tdae_jax.miniature import shipped
 
-            sur = shipped.load(source[5:])
+            sur = shipped.load(_shipped_name(source))
         else:
             sur = models.load(family, source)
     except (OSError, ValueError, KeyError) as e:
@@ -439,7 +450,8 @@ class _Jobs:
                 imgs = np.stack([j[0] for j in js])
                 emb, uncond = editors.embed_prompts(surrogate, [j[1] for j in js])
                 keyd = edit_keys([j[2] for j in js], [j[3] for j in js])
-                mask = np.stack([j[4] if j[4] is not None else centre_mask(*shape[:2]) for j in js]) if inpaint else None
+                mask = (np.stack([j[4] if j[4] is not None else centre_mask(*shape[:2]) for j in js])
+                        if inpaint else None)
                 res = np.asarray(editor(imgs, emb, uncond, keyd, mask=mask), np.float32)
                 done.update(zip(ks, res[:len(ks)]))
         return {k: done[ck] for k, ck in self.alias.items()}
@@ -588,7 +600,8 @@ class Runner:
                 prompt, sk = prompt_for(it, v.family, cfg.prompt), it.source_key
                 pk = ("prot", it.run.name, it.id)
                 for si, s in enumerate(seeds):
-                    add = lambda key, img, seed=s: jobs.add(key + (seed, prompt), img, prompt, seed, it.id, it.mask)  # noqa: E731
+                    add = lambda key, img, seed=s: jobs.add(  # noqa: E731
+                        key + (seed, prompt), img, prompt, seed, it.id, it.mask)
                     ref = add(("clean", sk, "none"), it.clean)
                     for p in self.purifiers:
                         t = add(("prot", pk, p.name), self._get(pur, pk, it.protected, p, s))
@@ -609,7 +622,8 @@ class Runner:
             scores = compare(np.stack([edits[p[2]] for p in lst]), np.stack([edits[p[3]] for p in lst]), self.lpips_fn,
                              cfg.psnr_cap_db, chunk=self.METRIC_CHUNK)
             for j, (it, extra, _, _) in enumerate(lst):
-                rows.append({**it.run.meta(), "id": it.id, "source": it.source, "victim": v.name, "victim_family": v.family,
+                rows.append({**it.run.meta(), "id": it.id, "source": it.source, "victim": v.name,
+                             "victim_family": v.family,
                              "editor": self.editors[v.name].config.kind, "seed_b": "", "worst_by": "", **extra,
                              **{m: float(s[j]) for m, s in scores.items()}})
         s0 = seeds[0]
@@ -665,7 +679,8 @@ def write_outputs(result: EvalResult, cfg: EvalConfig) -> dict[str, Path]:
     for r in rows:
         if r["kind"] == "protection" and r["purify"] == first and r["seed"] == cfg.seeds[0]:
             stats[(r["victim"], r["run"], r["id"])] = ("edit(protected) vs edit(clean): " + ", ".join(
-                f"{m}={r[m]:.4g}" for m in metrics if r.get(m) is not None and math.isfinite(r[m])) + f"; protected vs original: PSNR "
+                f"{m}={r[m]:.4g}" for m in metrics if r.get(m) is not None and math.isfinite(r[m]))
+                + "; protected vs original: PSNR "
                 f"{r.get('imp_psnr', math.nan):.2f} dB, L∞ {r.get('imp_linf_255')}/255")
     summary = {"runs": ", ".join(f"{r['label']}" for r in runs), "victims": "; ".join(notes[:len(victims)]),
                "purifiers": ", ".join(purifiers), "seeds": ", ".join(map(str, cfg.seeds)), "rows": len(rows),

@@ -43,10 +43,9 @@ def _stage1(sur, static_unet, x, uid, emb, cfg, steps, fixed_keys=False):
     base, su = meshlib.replicate(sur, mesh), meshlib.replicate(static_unet, mesh)
     dyn = meshlib.replicate(sur.params["unet"], mesh)
     att, key = [], adft.stream_key(jax.random.key(0), "adft/stage1")
-    zero = meshlib.replicate(jnp.zeros((), jnp.int32), mesh)
     for _ in range(steps + int(fixed_keys)):
-        if fixed_keys:
-            p = p._replace(step=zero)
+        if fixed_keys:  # a fresh buffer each time: the step donates its state
+            p = p._replace(step=meshlib.replicate(jnp.zeros((), jnp.int32), mesh))
         p, m = adft.stage1_jit(p, base, su, dyn, batch, key, cfg.trace_key())
         att.append(np.asarray(m["adft/att"]))
     return p, np.stack(att)

@@ -80,7 +80,8 @@ def test_other_transforms_have_gradients():
 
 
 def test_resize_close_to_pil_bicubic(photos):
-    ours = np.asarray(jax.jit(eot.resize_down_up, static_argnums=1)(jnp.asarray(photos, jnp.float32) / 255.0, 0.5)) * 255
+    resize = jax.jit(eot.resize_down_up, static_argnums=1)
+    ours = np.asarray(resize(jnp.asarray(photos, jnp.float32) / 255.0, 0.5)) * 255
     ref = []
     for u in photos:
         small = Image.fromarray(u).resize((32, 32), Image.Resampling.BICUBIC)

@@ -28,7 +28,8 @@ PROTECT = ["--surrogate=ip2p", "--objective=pge", "--steps=2", "--size=32", "--s
 def _images(folder: Path, n=2, h=40, w=48):
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        Image.fromarray(np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
+        rgb = np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(rgb).save(folder / f"im{i}.png")
     return folder
 
 
@@ -64,8 +65,10 @@ def test_parse_victims():
     assert kw["num_inference_steps"] == 5 and kw["guidance_scale"] == 3.0 and "strength" not in kw  # ip2p: none
     assert vs[0].editor_kwargs(ev.EditSettings(steps=10, strength=0.3))["strength"] == 0.3
     assert vs[2].editor_kwargs(ev.EditSettings())["strength"] == 0.5
+    (m,) = ev.parse_victims("m::miniature:ip2p_b")  # family from the shipped model's training.json
+    assert (m.family, m.source) == ("ip2p", "miniature:ip2p_b")
     for bad in ("", "a:sd", "a:xx:tiny", "a:sd:tiny,a:sd:tiny", "a:sd:tiny|bogus=1", "a:sd:tiny|steps=x",
-                "a::mini:does_not_exist"):
+                "a::miniature:does_not_exist"):
         with pytest.raises(ev.UsageError):
             ev.parse_victims(bad)
 
@@ -210,3 +213,15 @@ def test_report_select_counts_shared_sources_once():
              "seed_b": 1, "psnr": 10.0} for r in ("a", "b")]
     assert len(report.select(rows, kind="seed_floor", victim="v")) == 1
     assert len(report.select(rows, kind="seed_floor", victim="v", run="a")) == 1
+
+
+@pytest.mark.parametrize("name", ["evaluate_quickstart.flags", "evaluate_miniature.flags", "evaluate_sd14.flags"])
+def test_evaluate_flagfiles_parse(name, monkeypatch):
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # nested --flagfile paths are relative to the repository root
+    ev_cli.FLAGS.unparse_flags()
+    ev_cli.FLAGS(["evaluate", f"--flagfile=experiments/flags/{name}"])
+    cfg = ev_cli.config_from_flags(ev_cli.FLAGS)
+    assert cfg.runs and cfg.victims and cfg.outdir and cfg.seeds
+    assert "none" in cfg.purify
+    ev_cli.FLAGS.unparse_flags()

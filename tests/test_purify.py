@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tdae_jax import models, purify
+from tdae_jax import evaluate, purify
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_outputs_are_8bit_and_noise_is_seeded(images):
 
 
 def test_diffusion_purifiers_on_a_tiny_model(images):
-    sd = models.tiny("sd")
+    sd = evaluate.load_model("sd", "tiny")  # models.tiny("sd"), built once per session (shared with test_evaluate)
     fast = {"xla_backend_optimization_level": 0}
     with pytest.raises(ValueError, match="sd"):
         purify.Purifier("diffpure", types.SimpleNamespace(family="ip2p"))

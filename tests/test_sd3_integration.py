@@ -144,26 +144,41 @@ def test_editor_per_image_independent_and_deterministic(tiny):
 
 
 def test_pgd_objective_unrolls_the_editor(tiny):
-    """SD3 PhotoGuard-diffusion loss = ||D(editor(x)) - gray||_2 with the editor fed the objective's noise."""
-    from tdae_jax import objectives
-    from tdae_jax.objectives import common
+    """SD3 PhotoGuard-diffusion loss = ||D(editor(x)) - gray||_2 with the editor fed the objective's noise, when
+    K equals the editor's step count; fewer K coarsen the same schedule (same start sigma)."""
+    from tdae_jax.models import flow_match
+    from tdae_jax.objectives import common, photoguard_flow
 
     x = jax.random.uniform(jax.random.key(2), (3, 32, 32, 3))
     batch = {"x0": x, **tiny.text_batch(["a cat", "a dog on a hill", "snow"])}
     keys = jax.random.split(jax.random.key(4), 3)
-    loss_fn = objectives.make_objective("pgd", tiny, configs.Objective(name="pgd", denoise_steps=4,
-                                                                       guidance_scale=7.0))
+    cfg = configs.Objective(name="pgd", denoise_steps=4, guidance_scale=7.0)
+    loss_fn = photoguard_flow.make_diffusion(tiny, cfg, editor_steps=6)  # 6 steps at strength 0.6: 4 run
     loss = jax.jit(loss_fn, compiler_options=FAST)(jnp.zeros_like(x), batch, batch["emb"], keys)
     shape = (16, 16, 16)  # latents of a 32 px image (tiny VAE: 2x down)
     noise = {"encode": jax.vmap(lambda k: jax.random.normal(k, shape))(common.posterior_sample_keys(keys)),
              "latents": common.draw_noise(keys, 1, shape)[0]}
-    fn = editors.make_editor("sd3_img2img", tiny, num_inference_steps=4, guidance_scale=7.0, output="latent",
-                             compiler_options=FAST)
+    fn = editors.make_editor("sd3_img2img", tiny, num_inference_steps=6, output="latent", compiler_options=FAST)
     z = fn(x, (batch["emb"], batch["pooled"]), (batch["uncond"], batch["uncond_pooled"]), keys, noise=noise)
     ref = jax.jit(lambda m, z: common.safe_l2(m.decode(z) - 0.5), compiler_options=FAST)(tiny, z)
     np.testing.assert_allclose(np.asarray(loss), np.asarray(ref), rtol=1e-4)
-    with pytest.raises(ValueError, match="pure noise"):  # K = 2 at strength 0.6 starts at sigma = 1
-        objectives.make_objective("pgd", tiny, configs.Objective(name="pgd", denoise_steps=2))
+    # the defaults: the victim's 50-step schedule at strength 0.6 (sigma_s = 0.814 ... 0), coarsened to K steps
+    _, victim = flow_match.set_timesteps(tiny.static.scheduler, 50)
+    for k in (1, 2, 4):
+        ts, sig = photoguard_flow.schedule(tiny, k)
+        assert ts.shape == (k,) and sig[0] == victim[20] and sig[-1] == 0.0 and np.all(np.diff(sig) < 0)
+        assert abs(float(sig[0]) - 0.814) < 1e-3
+
+
+def test_integer_timesteps_index_the_shifted_training_grid(tiny):
+    """What the UNet objectives draw (ints in [0, 1000)) maps to SD3's training grid, larger = noisier."""
+    t = tiny.timestep(jnp.array([999, 500, 0]))
+    grid = np.asarray(tiny.train_sigmas)
+    np.testing.assert_allclose(np.asarray(t), 1000.0 * grid[[0, 499, 999]], rtol=1e-6)
+    assert float(t[0]) == 1000.0 and abs(float(t[2]) - 2.994) < 1e-3
+    assert float(tiny.timestep(jnp.array([250.5]))[0]) == 250.5  # floats are 1000 sigma as they are
+    z0, n = jnp.ones((1, 2, 2, 2)), jnp.zeros((1, 2, 2, 2))
+    np.testing.assert_allclose(tiny.add_noise(z0, n, jnp.array([999])), 0.0, atol=1e-7)  # sigma = 1: pure noise
 
 
 def test_editor_rejects_unsupported_options(tiny):
@@ -239,7 +254,7 @@ def test_cli_sd3_pge_tdae(images, tmp_path, tiny):
 
 def test_cli_sd3_pgd_tdae_with_t5_budget(images, tmp_path, tiny):
     work = tmp_path / "pgd"
-    code = _run([f"--images={images}", f"--workdir={work}", "--objective=pgd", "--denoise_steps=3",
+    code = _run([f"--images={images}", f"--workdir={work}", "--objective=pgd", "--denoise_steps=2",
                  "--defense=tdae", "--guidance_scale=1.0", "--dpd_period=1", "--dpd_steps=2",
                  "--dpd_eps=0.03137254901960784", "--dpd_eps_t5=0.01", "--dpd_step_size=0.02"])
     assert code == 0

@@ -119,3 +119,59 @@ def test_dlib_port_matches_dlib_descriptor(astronaut):
     assert float(e @ ref / np.linalg.norm(e) / np.linalg.norm(ref)) > 0.995
     # detection + landmarks on the shipped 256 px sample
     np.testing.assert_allclose(dlib_face.landmarks(astronaut), ASTRONAUT_DLIB * 1.0, atol=1e-6)
+
+
+def _torch_iresnet():
+    """A small arcface_torch-style IResNet in PyTorch (eval mode, non-trivial BN statistics)."""
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, cin, c, stride):
+            super().__init__()
+            self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, c, 3, 1, 1, bias=False)
+            self.bn2, self.prelu = nn.BatchNorm2d(c), nn.PReLU(c)
+            self.conv2, self.bn3 = nn.Conv2d(c, c, 3, stride, 1, bias=False), nn.BatchNorm2d(c)
+            self.down = nn.Sequential(nn.Conv2d(cin, c, 1, stride, bias=False), nn.BatchNorm2d(c))
+
+        def forward(self, x):
+            y = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
+            return y + self.down(x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.PReLU(8))
+            self.blocks = nn.Sequential(Block(8, 8, 2), Block(8, 16, 2), Block(16, 16, 2), Block(16, 32, 2))
+            self.bn2, self.fc, self.features = nn.BatchNorm2d(32), nn.Linear(32 * 7 * 7, 64), nn.BatchNorm1d(64)
+
+        def forward(self, x):
+            return self.features(self.fc(torch.flatten(self.bn2(self.blocks(self.stem(x))), 1)))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    for m in net.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5), m.bias.data.uniform_(-0.1, 0.1)
+    return net
+
+
+def test_onnx_arcface_encoder_matches_torch(tmp_path):
+    """The torch-free ONNX interpreter (for insightface's w600k_r50 / glintr100) vs PyTorch on an exported
+    arcface_torch-style IResNet (the exporter fuses conv+BN, so both fused and plain BN nodes occur)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    from tdae_jax.metrics import onnx_encoder
+
+    net = _torch_iresnet()
+    faces = np.random.default_rng(0).uniform(0, 1, (2, 112, 112, 3)).astype(np.float32)
+    x = torch.from_numpy(np.transpose(faces * 2 - 1, (0, 3, 1, 2)).copy())
+    path = tmp_path / "r.onnx"
+    torch.onnx.export(net, x, str(path), input_names=["data"], opset_version=11, dynamo=False)
+    want = net(x).detach().numpy()
+    enc, params = onnx_encoder.load(path)
+    got = np.asarray(enc.apply(params, jnp.asarray(faces)))
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+    g = jax.grad(lambda f: enc.apply(params, f).sum())(jnp.asarray(faces))
+    assert float(jnp.abs(g).max()) > 0

@@ -221,8 +221,9 @@ def eval_matrix_md(rows: Sequence[dict], runs: Sequence[dict], victims: Sequence
         if any(select(rows, kind="purifier_cost")):
             out.append("\n## Purifier cost on clean images: edit(P(clean)) vs edit(clean)\n\n")
             cm = [m for m in ("psnr", "ssim", "lpips") if m in metrics]
-            body = [[p] + [" / ".join(_cell([x.get(m) for x in select(rows, kind="purifier_cost", purify=p, victim=v)], m)
-                                      for m in cm) for v in victims] for p in cost]
+            body = [[p] + [" / ".join(_cell([x.get(m) for x in select(rows, kind="purifier_cost", purify=p,
+                                                                      victim=v)], m) for m in cm)
+                           for v in victims] for p in cost]
             out.append(_table([f"purifier ({' / '.join(METRIC_LABEL.get(m, m) for m in cm)})"] + list(victims), body))
     out.append("\n## Imperceptibility: protected vs original (original resolution, as on disk)\n\n")
     body = []
@@ -352,7 +353,8 @@ def write_eval_html(outdir: Path, title: str, summary: dict, matrix_md: str, thu
         "<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title><style>"
         "body{font-family:sans-serif;margin:20px} .row{display:flex;gap:8px;align-items:flex-end;flex-wrap:wrap}"
         "figure{margin:0} img{image-rendering:pixelated;max-width:256px} img.plot{max-width:640px;image-rendering:auto}"
-        "figcaption{font-size:12px;text-align:center} pre{background:#f6f6f6;padding:8px;font-size:12px;overflow-x:auto}"
+        "figcaption{font-size:12px;text-align:center}"
+        " pre{background:#f6f6f6;padding:8px;font-size:12px;overflow-x:auto}"
         "section{border-top:1px solid #ddd;padding:6px 0}</style></head><body>"
         f"<h1>{html.escape(title)}</h1><ul>{summ}</ul><div>{imgs}</div>"
         f"<details open><summary>matrix.md</summary><pre>{html.escape(matrix_md)}</pre></details>"

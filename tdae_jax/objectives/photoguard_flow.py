@@ -1,14 +1,19 @@
 """PhotoGuard's diffusion attack (PGD, Salman et al., ICML 2023; TDAE spec §3) on a flow-matching surrogate (SD3).
 
-The SD/IP2P version (``photoguard.make_diffusion``) unrolls K DDIM steps; SD3 is a rectified-flow model
-(spec SD3.md §5), so the unrolled edit here is what ``StableDiffusion3Img2ImgPipeline`` runs with
-``num_inference_steps = K``: the FlowMatchEulerDiscreteScheduler schedule (shift from the model's scheduler
-config, 3.0), truncated at img2img ``strength`` (pipeline default 0.6: ``t_start = int(K - K·strength)``),
-start latent ``(1 - σ_s) z_0 + σ_s ε`` from the posterior sample ``z_0``, CFG on the velocity
-``v_u + g (v_c - v_u)`` (negative = the encoded empty prompt, with its own pooled projection) and Euler steps
-``z += (σ_{i+1} - σ_i) v``; then the VAE decoder. Minimized: ``||D(edit_K(x + delta, e)) - y_tgt||_2`` with
-y_tgt the mid-gray image (0 in [-1, 1]; ``--target``), as the SD version. Each step is ``jax.checkpoint``-ed
-unless ``cfg.remat`` is off (``--remat``).
+The SD/IP2P version (``photoguard.make_diffusion``) unrolls K DDIM steps of an img2img edit; SD3 is a
+rectified-flow model (spec SD3.md §5), so the unrolled edit here is the victim editor's own chain
+(``editors/sd3_img2img.py`` = ``StableDiffusion3Img2ImgPipeline`` at its defaults: 50 steps, strength 0.6,
+FlowMatchEuler with the model's shift, 3.0), **coarsened to K Euler steps**: the victim's remaining sigmas
+``σ[t_start:]`` (σ_s = 0.814 down to 0 over 30 steps for the defaults) are sampled at K + 1 evenly spaced
+indices (first and last kept), so the attack starts at the victim's noise level for any K, and K = the victim's
+step count reproduces the victim's chain exactly. (Running the pipeline itself with ``num_inference_steps = K``
+would start from pure noise for K <= 2: shift 3 puts σ[0] = 1 and ``t_start = int(K - 0.6 K) = 0``.)
+
+Chain: start latent ``(1 - σ_s) z_0 + σ_s ε`` from the posterior sample ``z_0``, CFG on the velocity
+``v_u + g (v_c - v_u)`` (negative = the encoded empty prompt, with its own pooled projection), Euler steps
+``z += (σ_{k+1} - σ_k) v`` at timesteps ``1000 σ_k``; then the VAE decoder. Minimized:
+``||D(edit_K(x + delta, e)) - y_tgt||_2`` with y_tgt the mid-gray image (0 in [-1, 1]; ``--target``), as the SD
+version. Each step is ``jax.checkpoint``-ed unless ``cfg.remat`` is off (``--remat``).
 
 ``emb`` is SD3's ``prompt_embeds`` (what DPD perturbs); ``batch["pooled"]`` / ``batch["uncond_pooled"]`` stay fixed.
 """
@@ -16,30 +21,33 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tdae_jax.configs import Objective
 from tdae_jax.models import flow_match
 from tdae_jax.objectives import common, photoguard
 
-STRENGTH = 0.6  # StableDiffusion3Img2ImgPipeline.__call__ default (diffusers 0.39.0)
+STRENGTH = 0.6  # StableDiffusion3Img2ImgPipeline.__call__ defaults (diffusers 0.39.0), as editors/sd3_img2img.py
+EDITOR_STEPS = 50
 
 
-def schedule(sur, steps: int, strength: float = STRENGTH):
-    """(timesteps ``[n]`` = 1000σ, sigmas ``[n + 1]``) of the img2img steps actually run (host-side, float32)."""
-    ts, sig = flow_match.set_timesteps(sur.static.scheduler, steps)
-    start = flow_match.img2img_start(steps, strength)
-    return ts[start:], sig[start:]
+def schedule(sur, steps: int, strength: float = STRENGTH, editor_steps: int = EDITOR_STEPS):
+    """(timesteps ``[k]`` = 1000σ, sigmas ``[k + 1]`` ending in 0), float32, host-side: the victim's img2img
+    sigmas ``σ[t_start:]`` of an ``editor_steps``-step schedule at ``strength``, at ``k = min(steps, remaining)``
+    + 1 evenly spaced indices."""
+    _, sig = flow_match.set_timesteps(sur.static.scheduler, editor_steps)
+    sig = sig[flow_match.img2img_start(editor_steps, strength):]
+    remaining = sig.shape[0] - 1
+    if remaining < 1:
+        raise ValueError(f"img2img strength {strength} with {editor_steps} steps runs no denoising step")
+    k = min(max(1, steps), remaining)
+    sig = sig[np.round(np.linspace(0, remaining, k + 1)).astype(int)]
+    return (sig[:-1] * np.float32(sur.num_train_timesteps)).astype(np.float32), sig
 
 
-def make_diffusion(sur, cfg: Objective, strength: float = STRENGTH):
-    """Returns ``loss_fn(delta, batch, emb, keys) -> [B]`` (minimized)."""
-    ts, sig = schedule(sur, max(1, cfg.denoise_steps), strength)
-    if ts.shape[0] == 0:
-        raise ValueError(f"img2img strength {strength} with {cfg.denoise_steps} steps runs no denoising step")
-    if sig[0] >= 1.0:  # e.g. K = 2 at strength 0.6: t_start = 0, the edit starts from pure noise
-        raise ValueError(f"SD3 PGD: {cfg.denoise_steps} denoising steps at img2img strength {strength} start from "
-                         f"sigma = 1 (pure noise), so the image has no influence and the gradient is 0; use "
-                         f"--denoise_steps >= 3")
+def make_diffusion(sur, cfg: Objective, strength: float = STRENGTH, editor_steps: int = EDITOR_STEPS):
+    """Returns ``loss_fn(delta, batch, emb, keys) -> [B]`` (minimized); ``cfg.denoise_steps`` = K."""
+    ts, sig = schedule(sur, cfg.denoise_steps, strength, editor_steps)
     g = cfg.guidance_scale
 
     def loss_fn(delta, batch, emb, keys):

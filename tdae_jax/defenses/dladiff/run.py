@@ -78,8 +78,13 @@ class DLADiffRunConfig:
 # ------------------------------------------------------------------------------------------------ encoders
 @functools.lru_cache(maxsize=8)
 def encoder(name: str, params_path: str = ""):
-    """``(IdentityEncoder, params)`` by name: dlib (real weights), iresnet18/34/50/100 (random init unless
-    ``params_path``), iresnet_tiny (random, for tests). Cached: the same object keeps jit caches warm."""
+    """``(IdentityEncoder, params)`` by name: ``dlib`` (real weights), ``onnx:<path>`` (an insightface ArcFace
+    ONNX file, e.g. w600k_r50.onnx), iresnet18/34/50/100 (random init unless ``params_path``), iresnet_tiny
+    (random, for tests). Cached: the same object keeps jit caches warm."""
+    if name.startswith("onnx:"):
+        from tdae_jax.metrics import onnx_encoder
+
+        return onnx_encoder.load(name[5:])
     if name == "dlib":
         from tdae_jax.metrics import dlib_face
 
@@ -90,7 +95,7 @@ def encoder(name: str, params_path: str = ""):
     elif name.startswith("iresnet") and name[7:].isdigit():
         enc = idm.arcface_encoder(int(name[7:]))
     else:
-        raise UsageError(f"unknown identity encoder {name!r} (dlib, iresnet18/34/50/100, iresnet_tiny)")
+        raise UsageError(f"unknown identity encoder {name!r} (dlib, onnx:<path>, iresnet18/34/50/100, iresnet_tiny)")
     params = enc.init(jax.random.key(prng.image_uid(name)))
     if params_path:
         import flax.serialization
