@@ -36,6 +36,7 @@ setup(
         "diffusers==0.39.0",
         "transformers==4.57.6",
         "huggingface-hub<1.0",
+        "matplotlib>=3.8,<4",
     ],
     extras_require={
         "test": ["pytest>=8,<10", "scikit-image>=0.22,<0.27"],
