@@ -96,6 +96,7 @@ def build_model(layers: int | None, seed: int):
     params = {"vae": random_params(sd3_vae.init_shapes(vae, info), jax.random.fold_in(key, 0))}
     if layers:
         params["transformer"] = random_params(sd3_transformer.init_shapes(transformer), jax.random.fold_in(key, 1))
+    params = jax.block_until_ready(params)  # generated asynchronously: not inside the first timed step
     static = sd3.SD3Static(transformer, vae, info, None, flow_match.FlowMatchConfig(1000, 3.0),
                            name=f"sd3-medium-random-L{layers}", source="random")
     n = {k: sum(int(x.size) for x in jax.tree.leaves(v)) / 1e6 for k, v in params.items()}
@@ -181,6 +182,10 @@ def main(argv=None):
             per_block = (t2 - t1) / (l2 - l1) / args.timesteps
             c = (t1 - t_vae) / args.timesteps - per_block * l1
             est = t_vae + 10 * (c + 24 * per_block)
+            if per_block <= 0 or c < 0:
+                print(f"# extrapolation advdm {variant}: timings too noisy (per block {per_block:.2f} s, fixed "
+                      f"{c:.2f} s per K); not extrapolated", flush=True)
+                continue
             print(f"# extrapolation advdm {variant}: per transformer block per K {per_block:.2f} s, fixed per K "
                   f"{c:.2f} s, VAE part (pge {variant}) {t_vae:.2f} s -> 24 layers, K = 10: ~{est:.0f} s/it "
                   f"(K = 1: ~{t_vae + c + 24 * per_block:.0f} s/it)", flush=True)

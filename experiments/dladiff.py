@@ -105,7 +105,7 @@ def config_from_flags(F):
     from tdae_jax.data import io as dio
     from tdae_jax.defenses.dladiff import adft, baselines, dsur, run, zeroshot
 
-    if F.surrogate != "sd":
+    if F.surrogate != "sd" and F.method != "none":
         raise ValueError(f"DLADiff protects against Stable Diffusion fine-tuning: --surrogate must be sd, got {F.surrogate}")
     return run.DLADiffRunConfig(
         images=F.images or str(dio.sample_dir()), workdir=F.workdir, clean_images=F.clean_images,

@@ -73,7 +73,7 @@ def aspl(surrogate, x0, uid, emb, x_clean, uid_clean, emb_clean, cfg: BaselineCo
     kp = adft.stream_key(base_key, "aspl/pgd")
     for ep in range(cfg.epochs):
         # ADB's train_one_epoch builds a fresh AdamW on every call: the optimizer state never persists
-        f_sur = _fresh(_copy(f.trainable), f.step, tr_clean)
+        f_sur = _fresh(_copy(f.trainable), _copy(f.step), tr_clean)  # own buffers: train_on donates
         f_sur, l_clean = adft.train_on(f_sur, frozen, clean["x0"], clean["uid"], clean["emb"], base_key, tr_clean,
                                        mesh_c, stream="aspl/clean")
         conds = []
