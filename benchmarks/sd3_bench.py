@@ -8,7 +8,8 @@ embeddings ``prompt_embeds [1, 333, 4096]`` / pooled ``[1, 2048]`` (the text enc
 Hosts: ``pge`` (VAE encoder only) and ``advdm`` (posterior sample -> K transformer calls at K timesteps of the shifted
 training grid, ``objectives/diffusion.py``), variants ``host`` (plain gradient) and ``fd`` (+FDM finite difference:
 2 gradients). Prints the machine, one row per (host, variant, layers, K): compile seconds and median seconds per
-iteration; ``--extrapolate`` fits ``t = t_vae + K (c + b L)`` to two depths and prints the full-size estimate.
+iteration; ``--extrapolate`` fits ``t = t_vae + K (c + b L)`` to two depths (t_vae from pge) and prints the
+full-size estimate.
 
     python benchmarks/sd3_bench.py --size 256 --hosts pge --variants fd
     python benchmarks/sd3_bench.py --size 256 --hosts advdm --variants fd --layers 2 3 --timesteps 1 --extrapolate
@@ -54,6 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--extrapolate", action="store_true",
                    help="advdm: fit t = t_vae + K (c + b L) to two --layers (t_vae from pge, same variant) and "
                         "print the 24-layer, K = 10 estimate")
+    p.add_argument("--fit-cpu", action="store_true", help="extrapolate from CPU seconds instead of wall seconds")
     p.add_argument("--xla-flags", default="")
     return p.parse_args(argv)
 
@@ -136,16 +138,17 @@ def bench_one(static, params, b, host, variant, k, args):
     t0 = time.perf_counter()
     compiled = jax.jit(step, donate_argnums=1).lower(params, state, b, key).compile()
     compile_s = time.perf_counter() - t0
-    times = []
+    times, cpu = [], []
     for i in range(args.warmup + args.iters):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         state, m = jax.block_until_ready(compiled(params, state, b, key))
-        dt = time.perf_counter() - t0
-        print(f"#   {host} {variant} iter {i}{' (warm-up)' if i < args.warmup else ''}: {dt:.2f} s, "
-              f"loss {float(m['loss'][0]):.5g}, load {os.getloadavg()[0]:.1f}", flush=True)
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
+        print(f"#   {host} {variant} iter {i}{' (warm-up)' if i < args.warmup else ''}: {dt:.2f} s "
+              f"(cpu {dc:.2f} s), loss {float(m['loss'][0]):.5g}, load {os.getloadavg()[0]:.1f}", flush=True)
         if i >= args.warmup:
             times.append(dt)
-    return compile_s, times
+            cpu.append(dc)
+    return compile_s, times, cpu
 
 
 def main(argv=None):
@@ -168,27 +171,29 @@ def main(argv=None):
         static, params = build_model(layers, args.seed)
         for variant in args.variants:
             k = args.timesteps if host == "advdm" else 1
-            compile_s, times = bench_one(static, params, b, host, variant, k, args)
-            results[(host, variant, layers)] = med(times)
+            compile_s, times, cpu = bench_one(static, params, b, host, variant, k, args)
+            results[(host, variant, layers)] = med(cpu) if args.fit_cpu else med(times)
             rows.append((host, variant, layers or "-", k if host == "advdm" else "-", f"{compile_s:.1f}",
-                         f"{med(times):.2f}", "[" + ", ".join(f"{t:.2f}" for t in times) + "]"))
+                         f"{med(times):.2f}", "[" + ", ".join(f"{t:.2f}" for t in times) + "]", f"{med(cpu):.2f}"))
         del params
-    table(("host", "variant", "layers", "K", "compile s", "s/it (median)", "s/it (all)"), rows)
+    table(("host", "variant", "layers", "K", "compile s", "s/it (median)", "s/it (all)", "cpu-s/it"), rows)
+    print("# s/it: wall seconds per iteration; cpu-s/it: process CPU seconds (all threads), steadier than wall "
+          "on a shared machine", flush=True)
     if args.extrapolate and "advdm" in args.hosts and len(args.layers) >= 2:
         l1, l2 = sorted(args.layers)[:2]
         for variant in args.variants:
             t1, t2 = results[("advdm", variant, l1)], results[("advdm", variant, l2)]
             t_vae = results.get(("pge", variant, None), 0.0)
-            per_block = (t2 - t1) / (l2 - l1) / args.timesteps
-            c = (t1 - t_vae) / args.timesteps - per_block * l1
-            est = t_vae + 10 * (c + 24 * per_block)
-            if per_block <= 0 or c < 0:
-                print(f"# extrapolation advdm {variant}: timings too noisy (per block {per_block:.2f} s, fixed "
-                      f"{c:.2f} s per K); not extrapolated", flush=True)
+            per_block = (t2 - t1) / (l2 - l1) / args.timesteps  # transformer cost per block per K
+            part24 = (t1 - t_vae) / args.timesteps + (24 - l1) * per_block  # per-K transformer part at 24 layers
+            unit = "cpu-s" if args.fit_cpu else "s"
+            if per_block <= 0 or part24 <= 0:
+                print(f"# extrapolation advdm {variant}: timings too noisy (per block {per_block:.2f} {unit}); "
+                      f"not extrapolated", flush=True)
                 continue
-            print(f"# extrapolation advdm {variant}: per transformer block per K {per_block:.2f} s, fixed per K "
-                  f"{c:.2f} s, VAE part (pge {variant}) {t_vae:.2f} s -> 24 layers, K = 10: ~{est:.0f} s/it "
-                  f"(K = 1: ~{t_vae + c + 24 * per_block:.0f} s/it)", flush=True)
+            print(f"# extrapolation advdm {variant} ({unit}, linear in layers and K): {per_block:.2f} per block per K, "
+                  f"VAE part (pge {variant}) {t_vae:.2f} -> 24 layers: K = 1 ~{t_vae + part24:.0f} {unit}/it, "
+                  f"K = 10 ~{t_vae + 10 * part24:.0f} {unit}/it", flush=True)
     end_report(t_start)
 
 

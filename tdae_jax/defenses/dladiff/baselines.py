@@ -73,7 +73,7 @@ def aspl(surrogate, x0, uid, emb, x_clean, uid_clean, emb_clean, cfg: BaselineCo
     kp = adft.stream_key(base_key, "aspl/pgd")
     for ep in range(cfg.epochs):
         # ADB's train_one_epoch builds a fresh AdamW on every call: the optimizer state never persists
-        f_sur = _fresh(_copy(f.trainable), _copy(f.step), tr_clean)  # own buffers: train_on donates
+        f_sur = meshlib.replicate(_fresh(_copy(f.trainable), _copy(f.step), tr_clean), mesh)  # own buffers
         f_sur, l_clean = adft.train_on(f_sur, frozen, clean["x0"], clean["uid"], clean["emb"], base_key, tr_clean,
                                        mesh_c, stream="aspl/clean")
         conds = []
@@ -81,7 +81,7 @@ def aspl(surrogate, x0, uid, emb, x_clean, uid_clean, emb_clean, cfg: BaselineCo
             p, m = adft.stage2_jit(p, base, f_sur.trainable["unet"], batch, kp, adft.pgd_view(cfg))
             conds.append(np.asarray(m["adft/cond"]))
         x_adv = jnp.clip(batch["x0"] + p.delta, 0.0, 1.0)
-        f = _fresh(f.trainable, f.step, tr_adv)
+        f = meshlib.replicate(_fresh(f.trainable, f.step, tr_adv), mesh)
         f, l_adv = adft.train_on(f, frozen, x_adv, batch["uid"], batch["emb"], base_key, tr_adv, mesh,
                                  stream="aspl/adv")
         hist["aspl/cond"].append(conds)
