@@ -52,7 +52,7 @@ def main():
         make_images(tmp / "in", a.images, a.size)
         common = [f"--images={tmp / 'in'}", f"--steps={a.steps}", f"--size={a.size}", f"--objective={a.objective}",
                   "--report=false", "--log_every=1000"]
-        print(f"| layout | batch | wall s | images/hour | (includes start-up and compilation) |")
+        print("| layout | batch | wall s | images/hour | (includes start-up and compilation) |")
         print("|---|---|---|---|---|")
         for d in a.devices:
             env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={d}")

@@ -390,7 +390,6 @@ def cmd_tdae(args):
 # ---------------------------------------------------------------------------------------------- memory
 def cmd_memory(args):
     import jax
-    import jax.numpy as jnp
 
     machine_report()
     key = jax.random.key(args.seed)
@@ -415,7 +414,6 @@ def cmd_memory(args):
                          gib(ma.output_size_in_bytes), gib(ma.alias_size_in_bytes), gib(total), f"{total / base:.3f}",
                          f"{compile_s:.0f}"))
             print(f"#   {arch} K={k}: {ma}", flush=True)
-        del jnp
     table(("arch", "K", "argument GiB", "temp GiB", "output GiB", "alias GiB", "temp+argument GiB", "vs first K",
            "compile s"), rows)
 

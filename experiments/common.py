@@ -18,7 +18,8 @@ FLAGS = flags.FLAGS
 _DEFINED: set[str] = set()
 
 
-def _track(fn):
+def track(fn):
+    """Wrap an absl ``DEFINE_*`` so the flag's name is recorded (``run_config_from_flags`` reads those)."""
     def define(name, *a, **k):
         _DEFINED.add(name)
         return fn(name, *a, **k)
@@ -27,9 +28,9 @@ def _track(fn):
 
 
 def define_protect_flags():
-    DEFINE_string, DEFINE_enum, DEFINE_float = (_track(flags.DEFINE_string), _track(flags.DEFINE_enum),
-                                                _track(flags.DEFINE_float))
-    DEFINE_integer, DEFINE_bool = _track(flags.DEFINE_integer), _track(flags.DEFINE_bool)
+    DEFINE_string, DEFINE_enum, DEFINE_float = (track(flags.DEFINE_string), track(flags.DEFINE_enum),
+                                                track(flags.DEFINE_float))
+    DEFINE_integer, DEFINE_bool = track(flags.DEFINE_integer), track(flags.DEFINE_bool)
     DEFINE_string("images", "", "Folder (non-recursive) or glob of input images. Empty = the shipped samples.")
     DEFINE_string("prompts", "", "Optional CSV or JSONL with id,image,instruction[,caption,edited_prompt].")
     DEFINE_string("workdir", "runs/default", "Output folder (never an input folder).")
@@ -144,6 +145,28 @@ def write_flagfile(F, path: Path):
 
     lines = [F[name].serialize() for name in sorted(_DEFINED) if name in F]
     dio.atomic_write_bytes(path, ("\n".join(line for line in lines if line) + "\n").encode())
+
+
+def summarize(result, workdir, prefix: str = "") -> int:
+    """Print a run's one-line summary and each failed input (stderr); exit code 1 if any input failed."""
+    print(f"{prefix}protected {len(result.done)} image(s), {len(result.failed)} failed, "
+          f"{len(result.skipped)} skipped (already done); outputs in {workdir}")
+    for r in result.rows:
+        if r["status"] == "failed":
+            print(f"FAILED {r['source']}: {r['error']}", file=sys.stderr)
+    return 1 if result.failed else 0
+
+
+def run_cli(main, argv: list[str]) -> int:
+    """Parse ``argv`` (``[prog, --flag=value, ...]``) into ``FLAGS`` and run ``main`` in-process; returns the exit
+    code (2 for a flag error, as absl would). The experiments' ``run_cli`` wrappers (used by the tests) call this."""
+    FLAGS.unparse_flags()
+    try:
+        FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return main(argv[:1])
 
 
 def run_main(main):

@@ -33,7 +33,7 @@ def _define(kind: str, name: str, default, *args):
     (enum: the choices, then the help string)."""
     if name in FLAGS:
         return
-    common._track(getattr(flags, f"DEFINE_{kind}"))(name, default, *args, allow_override=name in SHARED)
+    common.track(getattr(flags, f"DEFINE_{kind}"))(name, default, *args, allow_override=name in SHARED)
 
 
 def define_flags():
@@ -145,23 +145,12 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)
         return 2
     common.write_flagfile(FLAGS, Path(cfg.workdir) / "flags.flags")
-    print(f"protected {len(result.done)} image(s), {len(result.failed)} failed, "
-          f"{len(result.skipped)} skipped (already done); outputs in {cfg.workdir}")
-    for r in result.rows:
-        if r["status"] == "failed":
-            print(f"FAILED {r['source']}: {r['error']}", file=sys.stderr)
-    return 1 if result.failed else 0
+    return common.summarize(result, cfg.workdir)
 
 
 def run_cli(argv: list[str]) -> int:
-    """Parse ``argv`` (``[prog, --flag=value, ...]``) and run in-process; returns the exit code (tests)."""
-    FLAGS.unparse_flags()
-    try:
-        FLAGS(argv)
-    except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return main(argv[:1])
+    """In-process run of ``argv`` (tests); see ``common.run_cli``."""
+    return common.run_cli(main, argv)
 
 
 if __name__ == "__main__":

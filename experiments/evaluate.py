@@ -43,9 +43,9 @@ _define("string", "outdir", "", "Output folder; empty = <run>/eval when --runs n
 _define("string", "purify", "none", "Purifiers: none, jpeg<q>, resize<f>, blur<sigma>, noise<s/255>, diffpure<t>, "
         "noisyup<t> (PEERS.md §4); the worst case is taken over this set.")
 _define("string", "seeds", "0,1,2", "Edit seeds (spec TDAE.md §11 project default: 3 seeds).")
-_define("integer", "edit_steps", 0, "Victim inference steps; 0 = the pipeline default (img2img/inpaint 50, ip2p 100).")
-_define("float", "edit_strength", -1.0, "img2img / inpaint strength; <0 = pipeline default (0.8 / 1.0).")
-_define("float", "edit_guidance", 7.5, "Text guidance scale (diffusers default 7.5).")
+_define("integer", "edit_steps", 0, "Victim inference steps; 0 = the pipeline default (img2img/inpaint/sd3 50, ip2p 100).")
+_define("float", "edit_strength", -1.0, "img2img / inpaint / sd3 strength; <0 = pipeline default (0.8 / 1.0 / 0.6).")
+_define("float", "edit_guidance", -1.0, "Text guidance scale; <0 = the pipeline default (7.5; SD3 7.0).")
 _define("float", "edit_image_guidance", 1.5, "InstructPix2Pix image guidance (diffusers default 1.5).")
 _define("string", "edit_scheduler", "", "Sampler (ddim, pndm, euler, euler_ancestral, ...); empty = the model's own.")
 _define("float", "edit_eta", 0.0, "DDIM eta.")
@@ -53,6 +53,10 @@ _define("string", "edit_prompt", "", "Edit text for every image; empty = each ru
 _define("string", "lpips_weights", "",
         "Comma-separated local LPIPS weight files (.safetensors/.npz); empty = no LPIPS.")
 _define("string", "lpips_net", "alex", "LPIPS trunk: alex (spec §11) or vgg.")
+_define("string", "clip_weights", "",
+        "Local transformers CLIPModel directory (config.json + model.safetensors, tokenizer files): adds the CLIP "
+        "image similarity (clip_img) and direction similarity (clip_dir) columns; tiny = random (plumbing); "
+        "empty = off.")
 _define("string", "purifier_model", "",
         "FAMILY:SOURCE of the diffpure/noisyup model (sd family); empty = the first sd victim.")
 _define("integer", "purify_steps", 0, "Inference steps of diffpure/noisyup (img2img runs steps*t); 0 = 50.")
@@ -73,13 +77,14 @@ def config_from_flags(F):
 
     seeds = tuple(int(s) for s in F.seeds.split(",") if s.strip())
     edit = ev.EditSettings(steps=F.edit_steps or None, strength=None if F.edit_strength < 0 else F.edit_strength,
-                           guidance=F.edit_guidance, image_guidance=F.edit_image_guidance,
+                           guidance=None if F.edit_guidance < 0 else F.edit_guidance, image_guidance=F.edit_image_guidance,
                            scheduler=F.edit_scheduler or None, eta=F.edit_eta)
     return ev.EvalConfig(
         runs=tuple(r.strip() for r in F.runs.split(",") if r.strip()), victims=ev.parse_victims(F.victims),
         outdir=F.outdir, purify=tuple(p.strip() for p in F.purify.split(",") if p.strip()) or ("none",),
         seeds=seeds, edit=edit, prompt=F.edit_prompt,
         lpips_weights=tuple(p.strip() for p in F.lpips_weights.split(",") if p.strip()), lpips_net=F.lpips_net,
+        clip_dir=F.clip_weights,
         purifier_model=F.purifier_model, purify_steps=F.purify_steps or None, noisyup_sigma=F.noisyup_sigma,
         size=F.eval_size or None, batch_size=F.eval_batch_size, psnr_cap_db=F.psnr_cap_db, seed_floor=F.seed_floor,
         purifier_cost=F.purifier_cost, max_images=F.max_images, report_images=F.report_images, plots=F.plots,
@@ -113,14 +118,8 @@ def main(argv):
 
 
 def run_cli(argv: list[str]) -> int:
-    """Parse ``argv`` (``[prog, --flag=value, ...]``) and run in-process; returns the exit code (tests)."""
-    FLAGS.unparse_flags()
-    try:
-        FLAGS(argv)
-    except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return main(argv[:1])
+    """In-process run of ``argv`` (tests); see ``common.run_cli``."""
+    return common.run_cli(main, argv)
 
 
 if __name__ == "__main__":

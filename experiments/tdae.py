@@ -41,24 +41,12 @@ def main(argv):
         return 2
     if proc.is_main:
         common.write_flagfile(FLAGS, Path(cfg.workdir) / "flags.flags")
-    print(f"[process {proc.index}/{proc.count}] " if proc.count > 1 else "", end="")
-    print(f"protected {len(result.done)} image(s), {len(result.failed)} failed, "
-          f"{len(result.skipped)} skipped (already done); outputs in {cfg.workdir}")
-    for r in result.rows:
-        if r["status"] == "failed":
-            print(f"FAILED {r['source']}: {r['error']}", file=sys.stderr)
-    return 1 if result.failed else 0
+    return common.summarize(result, cfg.workdir, f"[process {proc.index}/{proc.count}] " if proc.count > 1 else "")
 
 
 def run_cli(argv: list[str]) -> int:
-    """Parse ``argv`` (``[prog, --flag=value, ...]``) and run in-process; returns the exit code (tests)."""
-    FLAGS.unparse_flags()
-    try:
-        FLAGS(argv)
-    except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return main(argv[:1])
+    """In-process run of ``argv`` (tests); see ``common.run_cli``."""
+    return common.run_cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,13 @@ Keys: the victim's noise for image ``id`` and seed ``s`` is ``prng.image_keys(ke
 random purifiers use ``stream(purifier name)`` instead of ``EDIT_STEP``. PSNR of identical images is capped
 at ``psnr_cap_db`` (100 dB) so means stay finite; a metric an image is too small for (VIFp below 41 px,
 SSIM below 11 px, LPIPS-AlexNet below 32 px) is NaN (an empty CSV cell).
+
+With ``clip_dir`` (a local transformers CLIPModel directory, ``tdae_jax.models.clip``; ``tiny[@SEED]`` for
+plumbing tests) every row also gets ``clip_img``, the CLIP image similarity of the row's two edits (e.g.
+edit(protected) vs edit(clean); higher = the protection failed), and ``clip_dir``, the CLIP direction
+similarity (``metrics.clip_sim``) of the row's test edit w.r.t. the original along the prompts row's
+``caption`` -> ``edited_prompt`` (NaN without both, when ``prompt`` overrides the edit text, or without
+tokenizer files in the CLIP directory).
 """
 from __future__ import annotations
 
@@ -50,13 +57,14 @@ log = logging.getLogger("tdae_jax")
 METRICS = ("psnr", "ssim", "lpips", "vifp", "fsim")
 IMP_METRICS = ("psnr", "ssim", "lpips")
 MIN_SIDE = {"psnr": 1, "ssim": 11, "vifp": 41, "fsim": 1, "lpips": 32}
-EDIT_KIND = {"sd": "img2img", "ip2p": "ip2p", "inpaint": "inpaint"}
+EDIT_KIND = {"sd": "img2img", "ip2p": "ip2p", "inpaint": "inpaint", "sd3": "sd3_img2img"}
 EDIT_STEP = prng.image_uid("tdae_jax.evaluate/edit")
 OPTION_KEYS = {"kind": str, "steps": int, "strength": float, "guidance": float, "image_guidance": float,
                "scheduler": str, "eta": float}
 COLUMNS = ("run", "surrogate", "objective", "defense", "eps", "eot", "id", "source", "victim", "victim_family",
            "editor", "kind", "purify", "seed", "seed_b", *METRICS, "imp_psnr", "imp_ssim", "imp_lpips", "imp_linf_255",
            "worst_by")
+CLIP_METRICS = ("clip_img", "clip_dir")  # with EvalConfig.clip_dir: extra columns after COLUMNS
 
 
 class UsageError(ValueError):
@@ -70,7 +78,7 @@ class EditSettings:
 
     steps: int | None = None
     strength: float | None = None
-    guidance: float = 7.5
+    guidance: float | None = None  # None: the pipeline's (7.5; SD3 7.0)
     image_guidance: float = 1.5
     scheduler: str | None = None
     eta: float = 0.0
@@ -92,9 +100,11 @@ class VictimSpec:
         o = dict(self.options)
         kind = o.get("kind", EDIT_KIND[self.family])
         kw = dict(kind=kind, num_inference_steps=o.get("steps", edit.steps),
-                  guidance_scale=o.get("guidance", edit.guidance),
                   image_guidance_scale=o.get("image_guidance", edit.image_guidance),
                   scheduler=o.get("scheduler", edit.scheduler) or None, eta=o.get("eta", edit.eta))
+        guidance = o.get("guidance", edit.guidance)
+        if guidance is not None:  # else the editor's own default (SD3's differs from SD's)
+            kw["guidance_scale"] = guidance
         if kind != "ip2p":  # InstructPix2Pix has no strength
             kw["strength"] = o.get("strength", edit.strength)
         return kw
@@ -182,6 +192,20 @@ def load_model(family: str, source: str):
     return sur
 
 
+@functools.lru_cache(maxsize=2)
+def load_clip(source: str):
+    """CLIPScorer for the ``clip_img`` / ``clip_dir`` columns: ``tiny`` / ``tiny@SEED`` (random, plumbing only)
+    or a local transformers CLIPModel directory (``models/clip.py``). Raises UsageError."""
+    from tdae_jax.models import clip
+
+    try:
+        if source == "tiny" or source.startswith("tiny@"):
+            return clip.tiny(int(source[5:] or 0) if "@" in source else 0)
+        return clip.load(source)
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"--clip_weights {source!r}: {e}") from e
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     runs: tuple[str, ...]
@@ -193,6 +217,7 @@ class EvalConfig:
     prompt: str = ""  # overrides every run's prompts
     lpips_weights: tuple[str, ...] = ()
     lpips_net: str = "alex"
+    clip_dir: str = ""  # local transformers CLIPModel dir (or tiny[@SEED]) for clip_img / clip_dir; "" = off
     purifier_model: str = ""  # FAMILY:SOURCE of the diffpure/noisyup model; default: the first sd victim
     purify_steps: int | None = None
     noisyup_sigma: float = 0.1
@@ -485,6 +510,11 @@ class Runner:
                 self.lpips_fn = make_lpips_fn(load_lpips_params(list(cfg.lpips_weights), cfg.lpips_net), cfg.lpips_net)
             except (OSError, ValueError, KeyError) as e:
                 raise UsageError(f"--lpips_weights: {e}") from e
+        self.clip = load_clip(cfg.clip_dir) if cfg.clip_dir else None
+        if self.clip is not None and self.clip.static.tokenizer is None:
+            log.warning("--clip_weights %s: no tokenizer files (vocab.json, merges.txt): clip_dir stays NaN",
+                        cfg.clip_dir)
+        self._clip_text: dict[str, np.ndarray] = {}
         self.failures: list[str] = []
         self.runs = []
         for r in cfg.runs:
@@ -553,7 +583,7 @@ class Runner:
                     self.failures.append(f"victim {v.name} on {[g[0].id for g in chunk]}: {type(e).__name__}: {e}")
                     log.exception("victim %s failed", v.name)
         if len(self.purifiers) > 1:
-            rows.extend(worst_rows(rows))
+            rows.extend(worst_rows(rows, METRICS + CLIP_METRICS))
         return EvalResult(rows, self.failures, Path(cfg.outdir), self.runs, thumbs)
 
     def _random(self, p) -> bool:
@@ -621,6 +651,8 @@ class Runner:
         for lst in by_shape.values():
             scores = compare(np.stack([edits[p[2]] for p in lst]), np.stack([edits[p[3]] for p in lst]), self.lpips_fn,
                              cfg.psnr_cap_db, chunk=self.METRIC_CHUNK)
+            if self.clip is not None:
+                scores.update(self._clip_scores(lst, edits))
             for j, (it, extra, _, _) in enumerate(lst):
                 rows.append({**it.run.meta(), "id": it.id, "source": it.source, "victim": v.name,
                              "victim_family": v.family,
@@ -639,6 +671,47 @@ class Runner:
                     cells[lab] = _u8(edits[("prot", pk, p.name, s0, prompt)])
                 thumbs[(v.name, it.run.name, it.id)] = {"cells": cells, "prompt": prompt}
         return rows
+
+    # ------------------------------------------------------------------------------------------------- CLIP
+    def _clip_images(self, images: list) -> np.ndarray:
+        """``[N, D]`` unit CLIP image embeddings, in padded chunks (one compilation per image shape)."""
+        k, out = self.METRIC_CHUNK, np.zeros((len(images), self.clip.config.projection_dim), np.float32)
+        by_shape: dict = {}
+        for i, im in enumerate(images):
+            by_shape.setdefault(np.shape(im), []).append(i)
+        for idx in by_shape.values():
+            for c in range(0, len(idx), k):
+                part = idx[c:c + k]
+                batch = np.stack([images[i] for i in part] + [images[part[-1]]] * (k - len(part)))
+                out[part] = np.asarray(self.clip.image_embeds(batch))[:len(part)]
+        return out
+
+    def _clip_texts(self, texts: list[str]) -> np.ndarray:
+        new = sorted({t for t in texts if t not in self._clip_text})
+        k = self.METRIC_CHUNK
+        for c in range(0, len(new), k):
+            part = new[c:c + k]
+            emb = np.asarray(self.clip.text_embeds(part + [part[-1]] * (k - len(part))))
+            self._clip_text.update(zip(part, emb))
+        return np.stack([self._clip_text[t] for t in texts])
+
+    def _clip_scores(self, lst, edits) -> dict[str, np.ndarray]:
+        """``clip_img`` (test edit vs reference edit) and ``clip_dir`` (module docstring) of ``lst``'s pairs."""
+        from tdae_jax.metrics import clip_sim
+
+        test = self._clip_images([edits[p[2]] for p in lst])
+        ref = self._clip_images([edits[p[3]] for p in lst])
+        out = {"clip_img": np.asarray(clip_sim.clip_image_similarity(test, ref), np.float64),
+               "clip_dir": np.full(len(lst), np.nan)}
+        text = not self.cfg.prompt and self.clip.static.tokenizer is not None
+        recs = [_find_prompt(p[0]) if text else None for p in lst]
+        has = [i for i, r in enumerate(recs) if r and r.get("caption") and r.get("edited_prompt")]
+        if has:
+            orig = self._clip_images([lst[i][0].clean for i in has])
+            t0 = self._clip_texts([recs[i]["caption"] for i in has])
+            t1 = self._clip_texts([recs[i]["edited_prompt"] for i in has])
+            out["clip_dir"][has] = np.asarray(clip_sim.clip_direction_similarity(orig, test[has], t0, t1))
+        return out
 
 
 def run(cfg: EvalConfig, progress: Callable[[str], None] = log.info) -> EvalResult:
@@ -662,7 +735,7 @@ def write_outputs(result: EvalResult, cfg: EvalConfig) -> dict[str, Path]:
     out = result.outdir
     out.mkdir(parents=True, exist_ok=True)
     rows = result.rows
-    report.write_metrics(out, rows, columns=COLUMNS)
+    report.write_metrics(out, rows, columns=COLUMNS + (CLIP_METRICS if cfg.clip_dir else ()))
     metrics = [m for m in METRICS if any(m in r for r in rows)]
     runs = [{**r.meta(), "name": r.name, "label": r.label, "path": str(r.path),
              "images": sum(it.clean is not None for it in r.items)} for r in result.runs]

@@ -126,7 +126,13 @@ def test_ip2p_and_inpaint_keyed_and_permutation_equivariant(family):
 def test_pipeline_defaults_resolve(sd):
     c = editors.Editor("img2img").resolve(sd)
     assert (c.scheduler, c.num_inference_steps, c.strength, c.guidance_scale) == ("pndm", 50, 0.8, 7.5)
-    assert dict(c.scheduler_options) == {"skip_prk_steps": True}  # SD's shipped PNDM config
+    eff = editors.schedulers.resolve_config(c.scheduler, sd.static.scheduler_config, sd.static.prediction_type,
+                                            dict(c.scheduler_options))
+    assert eff["skip_prk_steps"] is True  # SD's shipped PNDM config
+    bare = dataclasses.replace(sd.static, scheduler_config={k: v for k, v in sd.static.scheduler_config.items()
+                                                            if k != "skip_prk_steps"})
+    assert dict(editors.Editor("img2img").resolve(dataclasses.replace(sd, static=bare)).scheduler_options) == {
+        "skip_prk_steps": True}  # a bare config (no key) gets the shipped option
     plan = editors.plan_for(c, sd)
     assert plan.num_steps == 41 and plan.timesteps[0] == 801 and plan.timesteps[-1] == 1
     ddim = editors.Editor("sdedit", scheduler="DDIMScheduler").resolve(sd)

@@ -178,6 +178,62 @@ def test_identical_protected_rows_are_ideal_and_missing_files_exit_1(protect_run
     assert _f(floor["psnr"]) < 100 and _f(floor["lpips"]) > 0
 
 
+def test_sd3_victim_column(protect_runs, tmp_path):
+    """SD3 (flow-matching img2img, editors/sd3_img2img.py) is a victim of the matrix like the UNet editors, at
+    its own pipeline defaults (guidance 7.0, strength 0.6) unless the victim's options say otherwise."""
+    from tdae_jax import editors
+
+    # 3 steps at strength 0.6: t_start = int(3 - 1.8) = 1, two Euler steps from sigma < 1 (with 2 steps diffusers
+    # starts at sigma = 1, pure noise, and the edit ignores the image)
+    (v,) = ev.parse_victims("t3:sd3:tiny|steps=3")
+    kw = v.editor_kwargs(ev.EditSettings())
+    assert kw["kind"] == "sd3_img2img" and "guidance_scale" not in kw  # SD3's own 7.0, not SD's 7.5
+    fn = editors.make_editor(surrogate=ev.load_model("sd3", "tiny"), **kw)
+    assert (fn.config.guidance_scale, fn.config.strength, fn.config.num_inference_steps) == (7.0, 0.6, 3)
+    assert fn.plan[1][0] < 1.0
+    root, runs = protect_runs
+    out = tmp_path / "eval"
+    code = ev_cli.run_cli(["evaluate", f"--runs={runs[0]}", f"--outdir={out}", "--victims=t3:sd3:tiny|steps=3",
+                           "--purify=none", "--seeds=0", "--fast_compile", "--eval_batch_size=2",
+                           "--purifier_cost=false", "--plots=false"])
+    assert code == 0
+    rows = _rows(out / "metrics.csv")
+    prot = [r for r in rows if r["kind"] == "protection"]
+    assert len(prot) == 2 and {r["victim_family"] for r in prot} == {"sd3"}
+    assert all(0 < _f(r["psnr"]) < 100 for r in rows)  # the edits differ (protection and seed floor alike)
+    table = (out / "matrix.md").read_text().split("### PSNR (dB)")[1].split("###")[0]
+    assert [ln for ln in table.splitlines() if ln.startswith("| ")][0].split("|")[2].strip() == "t3"
+
+
+def test_clip_columns(protect_runs, tmp_path):
+    """--clip_weights adds clip_img (the two edits' CLIP image similarity: 1 when protected == original) and
+    clip_dir (the edit's direction vs the prompts row's caption -> edited_prompt; NaN without them)."""
+    root, runs = protect_runs
+    fake = tmp_path / "identical"
+    shutil.copytree(runs[0], fake)
+    manifest = json.loads((fake / "manifest.json").read_text())
+    for e in manifest["entries"].values():
+        shutil.copy(e["source"], fake / e["outputs"]["protected"])
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "im0", "instruction": "add snow", "caption": "a photo of a house",
+                                   "edited_prompt": "a photo of a house in snow"}) + "\n")
+    config = json.loads((fake / "config.json").read_text())
+    (fake / "config.json").write_text(json.dumps({**config, "prompts": str(prompts)}))
+    out = tmp_path / "eval"
+    code = ev_cli.run_cli(["evaluate", f"--runs={fake}", f"--outdir={out}", "--victims=tsd:sd:tiny|steps=2",
+                           "--purify=none", "--seeds=0", "--fast_compile", "--eval_batch_size=2", "--clip_weights=tiny",
+                           "--purifier_cost=false", "--plots=false"])
+    assert code == 0
+    rows = _rows(out / "metrics.csv")
+    assert {"clip_img", "clip_dir"} <= set(rows[0]) and {"psnr", "imp_psnr", "worst_by"} <= set(rows[0])
+    prot = {r["id"]: r for r in rows if r["kind"] == "protection"}
+    assert set(prot) == {"im0", "im1"}
+    for r in prot.values():
+        assert _f(r["clip_img"]) == pytest.approx(1.0, abs=1e-6) and _f(r["psnr"]) == 100.0
+    assert -1 <= _f(prot["im0"]["clip_dir"]) <= 1 and math.isnan(_f(prot["im1"]["clip_dir"]))
+    assert all(-1 <= _f(r["clip_img"]) <= 1 for r in rows if r["kind"] == "seed_floor")
+
+
 def _random_lpips_npz(path: Path) -> Path:
     """LPIPS-AlexNet weights with torch names (random: the plumbing, not the metric's values)."""
     from tdae_jax.metrics.lpips import TRUNKS, _channels

@@ -6,7 +6,6 @@ exit code (1), that the good images were still protected, and that no original c
 import csv
 import hashlib
 import io
-import json
 import subprocess
 import sys
 from pathlib import Path

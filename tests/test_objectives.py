@@ -43,27 +43,27 @@ CASES = [(h, "ip2p") for h in HOSTS] + [("pgd", "sd"), ("advdm", "sd")]
 def test_objective_falls_under_pgd(host, family):
     sur, batch = _world(family)
     cfg = configs.Objective(name=host, timesteps=2, denoise_steps=2)
-    loss_fn = objectives.make_objective(host, sur, cfg)
+    stochastic = objectives.make_objective(host, sur, cfg)
+    # One fixed (t, eps) draw: the objective becomes a deterministic function of delta, so "it falls" is a
+    # property of the optimiser's direction (a sign error would make it rise), not of Monte-Carlo luck.
+    fixed = prng.image_keys(prng.base_key(100), batch["uid"], 0)
+    loss_fn = lambda d, b, e, k: stochastic(d, b, e, fixed)  # noqa: E731
     steps = 4
     init_fn, step_fn = tdae.make_step(loss_fn, budget=configs.Budget(16 / 255),
-                                      pgd=configs.PGD(step_size=3 / 255, steps=steps,
+                                      pgd=configs.PGD(step_size=1 / 255, steps=steps,
                                                       random_start=0.25 if objectives.needs_random_start(host) else 0))
     key = prng.base_key(0)
     state = init_fn(batch, key)
     step = jax.jit(step_fn)
-    for _ in range(steps):
-        state, m = step(state, batch, key)
-        assert np.all(np.isfinite(np.asarray(m["loss"])))
+    losses = []  # a step reports O at its starting delta: step 0 = before, step N (not applied) = after N steps
+    for i in range(steps + 1):
+        new, m = step(state, batch, key)
+        losses.append(np.asarray(m["loss"]))
+        assert np.all(np.isfinite(losses[-1]))
         assert np.all(np.asarray(m["grad_norm"]) > 0), "zero gradient: the host would never move"
-    evaluate = jax.jit(lambda d, k: loss_fn(d, batch, batch["emb"], k))
-    before, after = [], []
-    for s in range(3):  # same (t, eps) draws before and after
-        keys = prng.image_keys(prng.base_key(100 + s), batch["uid"], 0)
-        start = init_fn(batch, key).delta
-        before.append(np.asarray(evaluate(start, keys)))
-        after.append(np.asarray(evaluate(state.delta, keys)))
-    before, after = np.mean(before, 0), np.mean(after, 0)
-    assert np.all(after < before), (host, before, after)
+        state = new if i < steps else state
+    before, after = losses[0], losses[-1]
+    assert np.all(after < before), (host, before, after)  # per image: the reduction is per-image
     assert float(jnp.max(jnp.abs(state.delta))) <= 16 / 255 + 1e-6
 
 

@@ -108,14 +108,19 @@ def make_sds(sur: Surrogate, cfg: Objective):
     return loss_fn
 
 
+def _target_latent(sur: Surrogate, x: jax.Array) -> jax.Array:
+    """E(x_tgt) of Mist/ACE's target pattern at x's size, one per image, held constant (no gradient)."""
+    tgt = target_pattern(x.shape[1], x.shape[2])[None].repeat(x.shape[0], 0)
+    return jax.lax.stop_gradient(sur.encode(tgt))
+
+
 def make_mist(sur: Surrogate, cfg: Objective):
     """Mist v1 fused: O = MSE_sum(E(x), E(x_tgt)) / n - w * L_sem (both per image; n = latent size)."""
 
     def loss_fn(delta, batch, emb, keys):
         x = batch["x0"] + delta
         cond = common.conditioning(sur, x, batch)
-        tgt = target_pattern(x.shape[1], x.shape[2])[None].repeat(x.shape[0], 0)
-        z_tgt = jax.lax.stop_gradient(sur.encode(tgt))
+        z_tgt = _target_latent(sur, x)
         z0, ts, noises = _noised(sur, x, keys, cfg.timesteps)
         textural = common.per_image_mean((z0 - z_tgt) ** 2)
 
@@ -135,8 +140,7 @@ def make_ace(sur: Surrogate, cfg: Objective):
     def loss_fn(delta, batch, emb, keys):
         x = batch["x0"] + delta
         cond = common.conditioning(sur, x, batch)
-        tgt = target_pattern(x.shape[1], x.shape[2])[None].repeat(x.shape[0], 0)
-        z_tgt = jax.lax.stop_gradient(sur.encode(tgt))
+        z_tgt = _target_latent(sur, x)
         z0, ts, noises = _noised(sur, x, keys, cfg.timesteps)
 
         def one(t, n):

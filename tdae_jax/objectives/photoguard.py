@@ -51,7 +51,7 @@ def ddim_timesteps(num_train: int, steps: int, strength: float) -> jax.Array:
     """The ``steps`` DDIM timesteps an img2img edit at ``strength`` runs (diffusers' leading spacing)."""
     ratio = num_train // steps
     ts = (jnp.arange(steps) * ratio)[::-1] + 1  # steps_offset=1, as SD's scheduler config
-    init = min(int(steps * strength), steps)
+    init = max(1, min(int(steps * strength), steps))  # >= 1: a zero-step attack would have nothing to differentiate
     return ts[steps - init:]
 
 
