@@ -134,7 +134,7 @@ def _prompt_for(entry: dict | None, family: str, default: str) -> str:
 
 
 def run(cfg: RunConfig, progress: Callable[[str], None] = log.info) -> RunResult:
-    workdir = Path(cfg.workdir)
+    workdir = Path(cfg.workdir).expanduser().resolve()  # relative --workdir: relative to the current directory
     try:
         paths = dio.list_images(cfg.images)
     except (dio.DataError, OSError) as e:

@@ -148,15 +148,20 @@ def test_cli_end_to_end(protect_runs, tmp_path):
     assert len(list((out / "report_assets").glob("*.png"))) == 2 * 2 * 2 * 6
 
 
+def _identical_run(run: Path, dest: Path):
+    """A copy of protect workdir ``run`` whose 'protected' PNGs are the originals; returns (dest, manifest)."""
+    shutil.copytree(run, dest)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    for e in manifest["entries"].values():
+        shutil.copy(e["source"], dest / e["outputs"]["protected"])
+    return dest, manifest
+
+
 def test_identical_protected_rows_are_ideal_and_missing_files_exit_1(protect_runs, tmp_path):
     """A hand-made run whose 'protected' image is the original: every protection row is ideal; a done entry
     whose PNG is missing is reported (exit code 1) without losing the other rows. LPIPS via --lpips_weights."""
     root, runs = protect_runs
-    fake = tmp_path / "identical"
-    shutil.copytree(runs[0], fake)
-    manifest = json.loads((fake / "manifest.json").read_text())
-    for e in manifest["entries"].values():
-        shutil.copy(e["source"], fake / e["outputs"]["protected"])
+    fake, manifest = _identical_run(runs[0], tmp_path / "identical")
     missing = fake / manifest["entries"]["im1"]["outputs"]["protected"]
     missing.unlink()
     lp = _random_lpips_npz(tmp_path / "lpips.npz")
@@ -209,11 +214,7 @@ def test_clip_columns(protect_runs, tmp_path):
     """--clip_weights adds clip_img (the two edits' CLIP image similarity: 1 when protected == original) and
     clip_dir (the edit's direction vs the prompts row's caption -> edited_prompt; NaN without them)."""
     root, runs = protect_runs
-    fake = tmp_path / "identical"
-    shutil.copytree(runs[0], fake)
-    manifest = json.loads((fake / "manifest.json").read_text())
-    for e in manifest["entries"].values():
-        shutil.copy(e["source"], fake / e["outputs"]["protected"])
+    fake, manifest = _identical_run(runs[0], tmp_path / "identical")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"id": "im0", "instruction": "add snow", "caption": "a photo of a house",
                                    "edited_prompt": "a photo of a house in snow"}) + "\n")
@@ -271,7 +272,8 @@ def test_report_select_counts_shared_sources_once():
     assert len(report.select(rows, kind="seed_floor", victim="v", run="a")) == 1
 
 
-@pytest.mark.parametrize("name", ["evaluate_quickstart.flags", "evaluate_miniature.flags", "evaluate_sd14.flags"])
+@pytest.mark.parametrize("name", ["evaluate_quickstart.flags", "evaluate_miniature.flags", "evaluate_sd14.flags",
+                                  "evaluate_miniature_matrix.flags"])
 def test_evaluate_flagfiles_parse(name, monkeypatch):
     root = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(root)  # nested --flagfile paths are relative to the repository root

@@ -155,16 +155,18 @@ def test_weights_dir_with_missing_tensor(tmp_path, capsys):
     assert "diffusion_pytorch_model.safetensors" in err and dropped in err
 
 
-def test_weights_dir_roundtrip_runs(tmp_path):
-    """A model saved in diffusers layout loads through --weights_dir and protects an image."""
+def test_weights_dir_roundtrip_runs(tmp_path, monkeypatch):
+    """A model saved in diffusers layout loads through --weights_dir and protects an image; every path is given
+    relative to the current directory, as the README's quickstart does (--workdir=runs/quickstart)."""
     from tdae_jax import models
 
-    wdir = tmp_path / "model"
-    models.save(models.tiny("ip2p"), wdir)
-    d = tmp_path / "in"
-    d.mkdir()
-    Image.fromarray(_rgb(0)).save(d / "a.png")
-    assert run(FAST + [f"--images={d}", f"--workdir={tmp_path / 'w'}", f"--weights_dir={wdir}"]) == 0
+    models.save(models.tiny("ip2p"), tmp_path / "model")
+    (tmp_path / "in").mkdir()
+    Image.fromarray(_rgb(0)).save(tmp_path / "in" / "a.png")
+    monkeypatch.chdir(tmp_path)
+    assert run(FAST + ["--images=in", "--workdir=runs/w", "--weights_dir=model"]) == 0
+    assert (tmp_path / "runs" / "w" / "protected" / "a.png").is_file()
+    assert _rows(tmp_path / "runs" / "w")["a"]["status"] == "done"
 
 
 def test_subprocess_exit_code_and_flagfile(tmp_path):

@@ -16,8 +16,6 @@ images in [0, 1], so it differs from the PIL path only by PIL's uint8 rounding o
 from __future__ import annotations
 
 import dataclasses
-import json
-import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -148,15 +146,6 @@ def preprocess(images: jax.Array, size: int, mean=OPENAI_CLIP_MEAN, std=OPENAI_C
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def _read_config(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise WeightsError(f"{path}: config file not found") from None
-    except ValueError as e:
-        raise WeightsError(f"{path}: invalid JSON ({e})") from e
-
-
 def module_from_config(cfg: dict, where: Path, dtype=jnp.float32) -> FlaxCLIPModule:
     """transformers ``CLIPModel`` config.json -> ``FlaxCLIPModule``."""
     if cfg.get("model_type", "clip") != "clip":
@@ -227,7 +216,7 @@ def load(directory, dtype=jnp.float32) -> CLIPScorer:
     d = Path(directory)
     if not d.is_dir():
         raise WeightsError(f"{d}: CLIP weights directory not found")
-    module = module_from_config(_read_config(d / "config.json"), d / "config.json", dtype)
+    module = module_from_config(weights.read_config(d / "config.json"), d / "config.json", dtype)
     params = load_params(d, module, dtype)
     tokenizer = None
     for t in (d, d / "tokenizer"):
@@ -249,20 +238,9 @@ def tiny_config(vocab_size: int, max_length: int = 16, eos: int = 2, bos: int = 
 def random_params(module: FlaxCLIPModule, seed: int = 0, dtype=jnp.float32) -> dict:
     """Seeded numpy-drawn params (``weights.random_params``' scheme; ``class_embedding`` ``N(0, 0.02^2)``,
     ``logit_scale`` = ``logit_scale_init_value``)."""
-    out = {}
-    for path, spec in expected_params(module).items():
-        rng = np.random.default_rng([seed, zlib.crc32("/".join(path).encode())])
-        shape, leaf = tuple(spec.shape), path[-1]
-        if leaf == "kernel":
-            arr = rng.standard_normal(shape) / np.sqrt(max(1, int(np.prod(shape[:-1]))))
-        elif leaf in ("embedding", "class_embedding"):
-            arr = 0.02 * rng.standard_normal(shape)
-        elif leaf == "logit_scale":
-            arr = np.full(shape, module.config.logit_scale_init_value)
-        else:
-            arr = np.ones(shape) if leaf == "scale" else np.zeros(shape)
-        out[path] = jnp.asarray(arr, dtype)
-    return flax.traverse_util.unflatten_dict(out)
+    special = {"class_embedding": lambda rng, shape: 0.02 * rng.standard_normal(shape),
+               "logit_scale": lambda rng, shape: np.full(shape, module.config.logit_scale_init_value)}
+    return weights.random_params(module, seed, dtype, expected=expected_params(module), special=special)
 
 
 def tiny(seed: int = 0, dtype=jnp.float32) -> CLIPScorer:

@@ -42,7 +42,7 @@ from transformers.models.clip.modeling_flax_clip import FlaxCLIPTextModule  # no
 
 from tdae_jax.models import weights  # noqa: E402
 from tdae_jax.models.surrogate import IN_CHANNELS, Static, Surrogate  # noqa: E402
-from tdae_jax.models.weights import WeightsError  # noqa: E402
+from tdae_jax.models.weights import WeightsError, read_config  # noqa: E402
 
 FAMILY = "sd"
 PIPELINES = {"sd": "StableDiffusionPipeline", "ip2p": "StableDiffusionInstructPix2PixPipeline",
@@ -78,15 +78,6 @@ class UNet(FlaxUNet2DConditionModel):
     def __call__(self, *args, **kwargs):
         with nn.intercept_methods(_pytorch_numerics):
             return super().__call__(*args, **kwargs)
-
-
-def _config(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise WeightsError(f"{path}: config file not found") from None
-    except ValueError as e:
-        raise WeightsError(f"{path}: invalid JSON ({e})") from e
 
 
 def _require(cfg: dict, where: Path, **allowed) -> None:
@@ -262,19 +253,19 @@ def tiny_tokenizer(num_merges: int = 64, max_length: int = 77) -> CLIPTokenizer:
 def load_vae(directory, dtype=jnp.float32) -> tuple[FlaxAutoencoderKL, dict]:
     """One component (``vae/``-style directory: config.json + weights) -> (module, params)."""
     d = Path(directory)
-    module = vae_module(_config(d / "config.json"), d / "config.json", dtype)
+    module = vae_module(read_config(d / "config.json"), d / "config.json", dtype)
     return module, weights.load_params(d, module, weights.DIFFUSERS, vae=True, dtype=dtype)
 
 
 def load_unet(directory, dtype=jnp.float32) -> tuple[UNet, dict]:
     d = Path(directory)
-    module = unet_module(_config(d / "config.json"), d / "config.json", dtype)
+    module = unet_module(read_config(d / "config.json"), d / "config.json", dtype)
     return module, weights.load_params(d, module, weights.DIFFUSERS, dtype=dtype)
 
 
 def load_text_encoder(directory, dtype=jnp.float32) -> tuple[FlaxCLIPTextModule, dict]:
     d = Path(directory)
-    module = text_module(_config(d / "config.json"), d / "config.json", dtype)
+    module = text_module(read_config(d / "config.json"), d / "config.json", dtype)
     return module, weights.load_params(d, module, weights.TRANSFORMERS, dtype=dtype)
 
 
@@ -307,12 +298,12 @@ def build(family: str, weights_dir, dtype=jnp.float32) -> Surrogate:
     d = Path(weights_dir)
     if not d.is_dir():
         raise WeightsError(f"{d}: weights directory not found")
-    unet = unet_module(_config(d / "unet" / "config.json"), d / "unet" / "config.json", dtype)
-    vae = vae_module(_config(d / "vae" / "config.json"), d / "vae" / "config.json", dtype)
-    text = text_module(_config(d / "text_encoder" / "config.json"), d / "text_encoder" / "config.json", dtype)
+    unet = unet_module(read_config(d / "unet" / "config.json"), d / "unet" / "config.json", dtype)
+    vae = vae_module(read_config(d / "vae" / "config.json"), d / "vae" / "config.json", dtype)
+    text = text_module(read_config(d / "text_encoder" / "config.json"), d / "text_encoder" / "config.json", dtype)
     check(family, unet, vae, text, d)  # before the (slow) weight loading
     sched_path = d / "scheduler" / "scheduler_config.json"
-    sched = _config(sched_path)
+    sched = read_config(sched_path)
     acp = alphas_cumprod(sched)
     prediction = sched.get("prediction_type", "epsilon")
     if prediction not in ("epsilon", "sample", "v_prediction"):

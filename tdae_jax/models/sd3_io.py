@@ -21,14 +21,14 @@ from typing import Iterable, Mapping
 import ml_dtypes
 import numpy as np
 
+from tdae_jax.models.weights import WeightsError, read_config as _read_json  # one error type for every loader
+
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
 
 
-class WeightsError(ValueError):
-    """A checkpoint does not match the model: the message names the file and the tensor."""
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
@@ -98,11 +98,8 @@ def load_state_dict(directory: str, stem: str) -> tuple[dict[str, np.ndarray], d
 
 
 def read_config(directory: str, name: str = "config.json") -> dict:
-    path = os.path.join(directory, name)
-    if not os.path.isfile(path):
-        raise WeightsError(f"missing config file: {path}")
-    with open(path) as f:
-        return json.load(f)
+    """``directory/name`` as a dict (``weights.read_config``: errors name the file)."""
+    return _read_json(os.path.join(directory, name))
 
 
 def torch_key_to_path(key: str) -> tuple[str, ...]:

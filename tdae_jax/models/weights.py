@@ -190,15 +190,31 @@ def expected_params(module) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
     return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree))
 
 
-def random_params(module, seed: int = 0, dtype=jnp.float32) -> dict:
+def read_config(path: Path) -> dict:
+    """A model's ``config.json`` as a dict, or :class:`WeightsError` naming the file (missing / invalid JSON)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: config file not found") from None
+    except ValueError as e:
+        raise WeightsError(f"{path}: invalid JSON ({e})") from e
+
+
+def random_params(module, seed: int = 0, dtype=jnp.float32, *, expected: dict | None = None,
+                  special: dict | None = None) -> dict:
     """Seeded random params for ``module``, drawn with numpy (compiling ``module.init`` costs minutes on CPU
     for a UNet): kernels ``N(0, 1/fan_in)`` (LeCun normal), embeddings ``N(0, 0.02^2)``, norm scales 1,
-    biases 0. Each leaf's stream is keyed by ``(seed, path)``, so a leaf does not depend on the others."""
+    biases 0. Each leaf's stream is keyed by ``(seed, path)``, so a leaf does not depend on the others.
+    ``expected``: the flat ``{path: ShapeDtypeStruct}`` (default :func:`expected_params`); ``special``: leaf name
+    -> ``fn(rng, shape) -> array`` for leaves outside that scheme (e.g. CLIP's ``logit_scale``)."""
     out = {}
-    for path, spec in expected_params(module).items():
+    special = special or {}
+    for path, spec in (expected if expected is not None else expected_params(module)).items():
         rng = np.random.default_rng([seed, zlib.crc32("/".join(path).encode())])
         shape, leaf = tuple(spec.shape), path[-1]
-        if leaf == "kernel":
+        if leaf in special:
+            arr = special[leaf](rng, shape)
+        elif leaf == "kernel":
             arr = rng.standard_normal(shape) / np.sqrt(max(1, int(np.prod(shape[:-1]))))
         elif leaf == "embedding":
             arr = 0.02 * rng.standard_normal(shape)
