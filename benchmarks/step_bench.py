@@ -78,6 +78,9 @@ def parse_args(argv=None):
     common.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before jax is imported")
     common.add_argument("--matmul-precision", default=None,
                         help="jax_default_matmul_precision (default: JAX's default; tests use 'highest')")
+    common.add_argument("--malloc", default="default", choices=("default", "reuse"),
+                        help="reuse: keep freed host memory (tdae_jax.runtime.reuse_host_memory, what the "
+                             "experiments do); applies to both frameworks in the process")
     common.add_argument("--cache-dir", default=None,
                         help="JAX persistent compilation cache (then 'compile s' is mostly a cache load)")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
@@ -102,9 +105,13 @@ def parse_args(argv=None):
     mem.add_argument("--variant", default="host", choices=VARIANTS)
     mem.add_argument("--tpa-n", type=int, default=10)
     mem.add_argument("--timesteps", type=int, default=1)
+    ho = sub.add_parser("hoist", parents=[common], help="weights closed over (embedded) vs hoisted to arguments")
+    ho.add_argument("--arch", default="sd15", choices=sorted(ARCHS))
+    ho.add_argument("--host", default="pge", choices=HOSTS)
+    ho.add_argument("--size", type=int, default=256)
     args = p.parse_args(argv)
     if args.iters is None:
-        args.iters = {"encoder": 5, "tdae": 2, "memory": 0}[args.cmd]
+        args.iters = {"encoder": 5, "tdae": 2, "memory": 0, "hoist": 3}[args.cmd]
     return args
 
 
@@ -112,6 +119,10 @@ def setup_jax(args):
     if args.xla_flags:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if args.malloc == "reuse":
+        from tdae_jax import runtime
+
+        print(f"# malloc: reuse_host_memory applied: {runtime.reuse_host_memory()}", flush=True)
     import jax
     from diffusers.utils import logging as dlogging
 
@@ -387,6 +398,48 @@ def cmd_tdae(args):
         del combos, params
 
 
+# ---------------------------------------------------------------------------------------------- hoist
+def cmd_hoist(args):
+    """The pipeline's step closes over the surrogate. Plain ``jax.jit`` embeds the weights in the program;
+    ``Protector`` hoists them to arguments (tdae_jax/parallel/hoist.py). Compile time, program size,
+    compiled memory and step time of both, side by side."""
+    import jax
+
+    from tdae_jax.parallel import hoist
+
+    machine_report()
+    key = jax.random.key(args.seed)
+    static, params = arch_surrogate(args.arch, args.seed)
+    batch = host_batch(args.size, args.seed)
+    init, step = make_bench_step(static, args.host, "host")
+    state0 = init(batch)
+    closed = lambda st, b, k: step(params, st, b, k)  # noqa: E731  (what the pipeline's objective does)
+    fh, consts = hoist.hoist(closed, state0, batch, key)
+    print(f"# {args.arch} {args.host} {args.size}px: {len(consts)} hoisted weights, "
+          f"{sum(c.nbytes for c in consts) / 2**20:.1f} MiB", flush=True)
+    variants = {"embedded (jit of the closure)": (jax.jit(closed), ()),
+                "hoisted (Protector)": (jax.jit(fh), tuple(consts))}
+    rows = []
+    for name, (fn, extra) in variants.items():
+        t0 = time.perf_counter()
+        lowered = fn.lower(state0, batch, key, *extra)
+        text_mb = len(lowered.as_text()) / 2**20
+        compiled = lowered.compile()
+        compile_s = time.perf_counter() - t0
+        ma = compiled.memory_analysis()
+        times, state = [], init(batch)
+        for i in range(args.warmup + args.iters):
+            t1 = time.perf_counter()
+            state, _ = block(compiled(state, batch, key, *extra))
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t1)
+        print(f"#   {name}: lower+compile {compile_s:.1f} s, program {text_mb:.1f} MiB, {ma}", flush=True)
+        rows.append((name, f"{compile_s:.1f}", f"{text_mb:.1f}", f"{ma.argument_size_in_bytes / 2**20:.1f}",
+                     f"{ma.temp_size_in_bytes / 2**20:.1f}", fmt_times(times)))
+        del compiled, lowered
+    table(("weights", "lower+compile s", "StableHLO MiB", "argument MiB", "temp MiB", "s/it"), rows)
+
+
 # ---------------------------------------------------------------------------------------------- memory
 def cmd_memory(args):
     import jax
@@ -422,7 +475,7 @@ def main(argv=None):
     args = parse_args(argv)
     setup_jax(args)
     t0 = time.perf_counter()
-    {"encoder": cmd_encoder, "tdae": cmd_tdae, "memory": cmd_memory}[args.cmd](args)
+    {"encoder": cmd_encoder, "tdae": cmd_tdae, "memory": cmd_memory, "hoist": cmd_hoist}[args.cmd](args)
     end_report(t0)
 
 

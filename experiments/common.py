@@ -50,7 +50,9 @@ def define_protect_flags():
     DEFINE_integer("size", 256, "Working resolution (multiple of 8); ignored with --resize=none.")
     DEFINE_enum("resize", "center_crop", ["none", "center_crop", "resize", "pad"],
                       "How inputs map to the working resolution; outputs are always at the original resolution.")
-    DEFINE_integer("num_devices", 0, "Devices in the data mesh; 0 = all.")
+    DEFINE_integer("num_devices", 0, "Devices in the mesh; 0 = all.")
+    DEFINE_integer("model_parallel", 1, "Size of the 'model' mesh axis: > 1 splits the surrogate's params over "
+                   "that many devices (sd3: SD3.5-large); the batch is split over the other devices.")
     DEFINE_integer("ckpt_every", 0, "Orbax checkpoint every k iterations (0 = off).")
     DEFINE_bool("retry_failed", False, "On resume, retry inputs that failed before.")
     DEFINE_bool("report", True, "Write report.html.")
@@ -123,7 +125,8 @@ def run_config_from_flags(F):
         dpd=configs.DPD(period=F.dpd_period, steps=F.dpd_steps, step_size=F.dpd_step_size, eps=F.dpd_eps,
                         eps_t5=None if F.dpd_eps_t5 < 0 else F.dpd_eps_t5),
         batch_size=F.batch_size, seed=F.seed, size=None if F.resize == "none" else F.size, resize=F.resize,
-        num_devices=F.num_devices or None, ckpt_every=F.ckpt_every, retry_failed=F.retry_failed, report=F.report,
+        num_devices=F.num_devices or None, model_parallel=F.model_parallel,
+        ckpt_every=F.ckpt_every, retry_failed=F.retry_failed, report=F.report,
         log_every=F.log_every, default_prompt=F.default_prompt, preview_edit=F.preview_edit,
         preview_steps=F.preview_steps, preview_guidance=F.preview_guidance,
         preview_image_guidance=F.preview_image_guidance, eot=F.eot, eot_samples=F.eot_samples,
@@ -170,8 +173,12 @@ def run_cli(main, argv: list[str]) -> int:
 
 
 def run_main(main):
-    """absl app.run with logging to stderr at INFO, and the exit code main returns."""
+    """absl app.run with logging to stderr at INFO, and the exit code main returns. Freed host memory is kept
+    for the next iteration (``tdae_jax.runtime.reuse_host_memory``; ``TDAE_MALLOC=default`` opts out)."""
+    from tdae_jax import runtime
+
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    runtime.reuse_host_memory()
 
     def _main(argv):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)

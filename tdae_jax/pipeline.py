@@ -63,6 +63,7 @@ class RunConfig:
     size: int | None = 256
     resize: str = "center_crop"
     num_devices: int | None = None
+    model_parallel: int = 1  # size of the "model" mesh axis; > 1 splits the surrogate's params (sd3)
     ckpt_every: int = 0
     default_prompt: str = "make it a watercolor painting"
     retry_failed: bool = False
@@ -165,7 +166,16 @@ def run(cfg: RunConfig, progress: Callable[[str], None] = log.info) -> RunResult
             raise ValueError(f"--eot_samples must be >= 1, got {cfg.eot_samples}")
     except ValueError as e:
         raise UsageError(f"--eot: {e}") from e
+    try:
+        mesh = meshlib.make_mesh(cfg.num_devices, model_parallel=cfg.model_parallel)
+    except ValueError as e:
+        raise UsageError(f"--model_parallel: {e}") from e
+    if cfg.model_parallel > 1 and cfg.surrogate != "sd3":
+        raise UsageError(f"--model_parallel={cfg.model_parallel}: parameter sharding is implemented for the sd3 "
+                         f"surrogate (SD3.5-large); {cfg.surrogate} fits one device, use data parallelism")
     sur = load_surrogate(cfg)
+    if cfg.model_parallel > 1:
+        sur = sur.shard(mesh)  # transformer split over "model", the rest replicated (models/sd3.py)
     proc = multihost.info()
     if proc.count > 1 and cfg.resize == "none":
         raise UsageError("multi-process runs need one working size for every image: use --resize other than none")
@@ -193,7 +203,6 @@ def run(cfg: RunConfig, progress: Callable[[str], None] = log.info) -> RunResult
         pgd_cfg = dataclasses.replace(pgd_cfg, random_start=0.25)
         log.info("objective %s has a zero gradient at delta=0: random start U(-eps/4, eps/4)", cfg.objective.name)
     init_fn, step_fn = tdae_defense.make_step(loss_fn, budget=cfg.budget, pgd=pgd_cfg, fdm=fdm, tpa=tpa, dpd=dpd)
-    mesh = meshlib.make_mesh(cfg.num_devices)
     protector = Protector(init_fn, step_fn, mesh, cfg.batch_size)
     base = prng.base_key(cfg.seed)
     uses_text = objectives.uses_text(cfg.objective.name)

@@ -1,8 +1,9 @@
 """Runs a defense's pure step over a batch: compiled once, sharded over the mesh, checkpointed.
 
 ``Protector`` binds a step function (``defenses.tdae.make_step``) to a mesh: the batch axis of every
-array is split over ``"data"``, the surrogate params (closed over by the objective) are replicated,
-the state is donated. Batches are always padded to ``batch_size`` rows (a multiple of the device
+array is split over ``"data"``, the surrogate params (closed over by the objective) are hoisted into
+arguments of the compiled step (parallel/hoist.py: replicated, or split over ``"model"`` when the
+surrogate was placed so), the state is donated. Batches are always padded to ``batch_size`` rows (a multiple of the device
 count), so the step traces once for the whole run; padding rows never reach an output.
 
 ``run(batch, steps)`` loops the compiled step, records per-image loss curves, saves an orbax checkpoint
@@ -18,6 +19,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from tdae_jax import checkpoint
+from tdae_jax.parallel import hoist
 from tdae_jax.parallel import mesh as meshlib
 from tdae_jax.parallel import multihost
 
@@ -33,7 +35,7 @@ class Protector:
     each process passes its own ``local_batch_size`` rows to ``run`` (multihost.py)."""
 
     def __init__(self, init_fn: Callable, step_fn: Callable, mesh: Mesh, batch_size: int):
-        d = mesh.devices.size
+        d = meshlib.data_size(mesh)
         self.proc = multihost.info()
         self.batch_size = max(d, -(-batch_size // d) * d)
         self.local_batch_size = self.batch_size // self.proc.count
@@ -52,13 +54,22 @@ class Protector:
         batch_sh = data_sh  # a pytree prefix: every batch leaf is split over "data"
         abstract = jax.eval_shape(self._init_fn, batch, key_data)
         self.state_sh = state_shardings(abstract, self.batch_size, self.mesh)
-        self._init = jax.jit(self._init_fn, in_shardings=(batch_sh, repl), out_shardings=self.state_sh)
-        self._step = jax.jit(
-            self._step_fn,
-            in_shardings=(self.state_sh, batch_sh, repl),
+        # the surrogate's weights are closed over: pass them as arguments (hoist.py), with their own shardings
+        spec = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), t)  # noqa: E731
+        init_h, init_c = hoist.hoist(self._init_fn, spec(batch), spec(key_data))
+        step_h, step_c = hoist.hoist(self._step_fn, abstract, spec(batch), spec(key_data))
+        init_sh, step_sh = hoist.const_shardings(init_c, self.mesh), hoist.const_shardings(step_c, self.mesh)
+        self._init_consts, self._step_consts = hoist.place(init_c, init_sh), hoist.place(step_c, step_sh)
+        jit_init = jax.jit(init_h, in_shardings=(batch_sh, repl, *init_sh), out_shardings=self.state_sh)
+        jit_step = jax.jit(
+            step_h,
+            in_shardings=(self.state_sh, batch_sh, repl, *step_sh),
             out_shardings=(self.state_sh, data_sh),  # metrics: per-image [B] arrays
             donate_argnums=0,
         )
+        self._init = lambda b, kd: jit_init(b, kd, *self._init_consts)
+        self._step = lambda st, b, kd: jit_step(st, b, kd, *self._step_consts)
+        self._jit_step = jit_step
         self.abstract_state = abstract
 
     def pad(self, batch: dict, n: int) -> tuple[dict, np.ndarray]:

@@ -230,3 +230,20 @@ def test_subjects_views_differ_but_share_the_look():
 def test_make_scenes_matches_pair_sources():
     sc, p = world.make_scenes(SEED, 3, 32), world.make_pairs(SEED, 3, 32)
     assert sc["image"].tobytes() == p["source"].tobytes() and sc["caption"] == p["caption"]
+
+
+def test_scene_scores_calibration():
+    """Text-to-image / img2img oracle: a scene's own render scores 1.0 on both; colourful noise, a blank grey
+    image and another scene's render score (almost) 0 — so a model's success cannot come from chance."""
+    sc = world.make_scenes(1000, 64, 32)
+    imgs, scenes = sc["image"], sc["scenes"]
+    assert oracle.scene_scores(imgs, scenes, 32)["success"] == 1.0
+    same = oracle.scene_scores(imgs, scenes, 32, sources=imgs)
+    assert same["success"] == 1.0 and same["psnr"] == oracle.PSNR_CAP
+    noise = np.random.default_rng(0).integers(0, 256, imgs.shape, dtype=np.uint8)
+    other = imgs[np.roll(np.arange(len(imgs)), 1)]
+    for wrong in (noise, np.full_like(imgs, 128), other):
+        assert oracle.scene_scores(wrong, scenes, 32)["success"] <= 0.05
+        assert oracle.scene_scores(wrong, scenes, 32, sources=imgs)["success"] <= 0.05
+    with pytest.raises(ValueError, match="outputs for"):
+        oracle.scene_scores(imgs[:3], scenes, 32)

@@ -69,3 +69,21 @@ def test_traces_once_budget_holds_loss_decreases(setup):
     assert loss.shape == (8, STEPS)
     assert np.all(loss[:, -1] < loss[:, 0])  # PGE latent norm falls on every image
     np.testing.assert_allclose(d2, d[:5], atol=1e-6)
+
+
+def test_weights_are_arguments_not_constants(setup):
+    """The objective closes over the surrogate; the compiled step must take its weights as (sharded)
+    arguments rather than embed them in the program (parallel/hoist.py)."""
+    sur, loss_fn, x0, ids = setup
+    p = _protector(loss_fn, 8, 8)
+    d, _, _ = _run(p, x0, ids, prng.base_key(0))
+    vae = sur.params["vae"]  # PGE reads the VAE encoder only
+    param_bytes = sum(a.nbytes for a in jax.tree.leaves((vae["encoder"], vae["quant_conv"])))
+    hoisted = sum(c.nbytes for c in p._step_consts)
+    assert hoisted >= 0.9 * param_bytes, (hoisted, param_bytes)  # biases under 1 KiB may stay literals
+    assert all(c.sharding.mesh == p.mesh for c in p._step_consts)
+    batch = {"x0": x0, "uid": prng.uids(ids)}
+    kd = np.asarray(jax.random.key_data(prng.base_key(0)))
+    text = p._jit_step.lower(p.abstract_state, batch, kd, *p._step_consts).as_text()
+    embedded = jax.jit(p._step_fn).lower(p.abstract_state, batch, kd).as_text()  # what plain jit would build
+    assert len(embedded) - len(text) > hoisted, (len(embedded), len(text))  # the weight literals are gone

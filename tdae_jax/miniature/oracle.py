@@ -273,3 +273,45 @@ def evaluate(outputs, pairs: dict, thresholds: Thresholds = Thresholds()) -> dic
         for key, field in (("success", "success"), ("psnr", "psnr"), ("ssim", "ssim")):
             summary[key][kind] = float(np.mean([r[field] for r in sel])) if sel else float("nan")
     return summary
+
+
+# ------------------------------------------------------------------------------------- text-to-image
+def scene_scores(outputs, scenes, size: int, ss: int = 4, sources=None, thresholds: Thresholds = Thresholds()) -> dict:
+    """Score text-to-image samples, or SDEdit img2img outputs, against the scenes they were made from.
+
+    - text-to-image (``sources=None``): ``colours`` = every colour the caption names covers at least half the
+      area of its objects (pixels ``classify`` names so), and the colours it does not name cover at most half
+      the smallest object (colourful noise fails). Positions are not in the caption, so they are not scored.
+    - img2img (``sources`` = the input scenes' images): ``layout`` = every object keeps its colour at its place
+      (share > ``thresholds.share`` of its core, as the edit oracle reads objects), and ``psnr`` to the source.
+    Returns ``{"rows": [...], "success": rate, "psnr": mean}``; success is ``colours`` or ``layout``.
+    """
+    outputs = np.asarray(outputs)
+    if outputs.shape[0] != len(scenes):
+        raise ValueError(f"{outputs.shape[0]} outputs for {len(scenes)} scenes")
+    rows = []
+    for k, (out, scene) in enumerate(zip(outputs, scenes)):
+        cov = world.render_masks(scene, size, ss)
+        ref = classify(world.render(scene, size, ss))
+        labels = classify(out)
+        row = {"index": k, "caption": world.caption(scene), "objects": len(scene.objects)}
+        if sources is None:
+            named = {o.colour for o in scene.objects}
+            area = {c: sum(float((cov[j] >= 0.5).sum()) for j, o in enumerate(scene.objects) if o.colour == c)
+                    for c in named}
+            found = {c: int((labels == vocab.COLOURS.index(c)).sum()) >= 0.5 * area[c] for c in named}
+            smallest = min(float((m >= 0.5).sum()) for m in cov) if len(cov) else 0.0
+            other = [vocab.COLOURS.index(c) for c in vocab.COLOURS if c not in named]
+            spurious = int(np.isin(labels, other).sum())
+            row["found"], row["spurious_px"] = found, spurious
+            row["success"] = bool(all(found.values()) and spurious <= 0.5 * smallest)
+        else:
+            shares = [_share(labels, _core(cov[j], ref, o.colour), o.colour) for j, o in enumerate(scene.objects)]
+            row["shares"] = shares
+            row["success"] = bool(all(s > thresholds.share for s in shares))
+            row["psnr"] = psnr(out, np.asarray(sources)[k])
+        rows.append(row)
+    out = {"rows": rows, "success": float(np.mean([r["success"] for r in rows]))}
+    if sources is not None:
+        out["psnr"] = float(np.mean([r["psnr"] for r in rows]))
+    return out

@@ -103,6 +103,32 @@ def _version():
     return version("diffusers")
 
 
+def evaluate_t2i(sur, seed: int, n: int, size: int, *, eval_steps: int = 10, max_objects: int = 2,
+                 scale: float = 3.0, strengths=(0.5, 0.6, 0.7)) -> dict:
+    """Held-out scores of a text-to-image model (``oracle.scene_scores``): text-to-image from the scenes'
+    captions (every named colour present) and SDEdit img2img of the scenes themselves at ``strengths``
+    (every object keeps its colour at its place; PSNR to the source), ``eval_steps`` DDIM steps, guidance
+    ``scale``."""
+    from tdae_jax.miniature import oracle, sample
+
+    t0 = time.time()
+    scenes = [s for s in world.make_scenes(seed, 4 * n, size)["scenes"] if len(s.objects) <= max_objects][:n]
+    images = np.stack([world.render(s, size) for s in scenes])
+    ids = jnp.asarray(sur.tokenize([world.caption(s) for s in scenes]))
+    key = jax.random.key(seed)
+    gen = sample.text_to_image(sur, ids, key, num_steps=eval_steps, scale=scale, size=size)
+    t2i = oracle.scene_scores(np.round(np.asarray(gen) * 255).astype(np.uint8), scenes, size)
+    out = {"seed": seed, "n": len(scenes), "max_objects": max_objects, "num_steps": eval_steps, "scale": scale,
+           "t2i_colours": t2i["success"], "img2img": {}}
+    x = jnp.asarray(images, jnp.float32) / 255.0
+    for st in strengths:
+        y = sample.text_to_image(sur, ids, key, num_steps=eval_steps, scale=scale, images=x, strength=st)
+        r = oracle.scene_scores(np.round(np.asarray(y) * 255).astype(np.uint8), scenes, size, sources=images)
+        out["img2img"][str(st)] = {"layout": r["success"], "psnr": r["psnr"]}
+    out["wall_s"] = round(time.time() - t0, 1)
+    return out
+
+
 def build_surrogate(family, vae, vae_params, sf, unet, text, tok, params):
     from tdae_jax.models import sd
     from tdae_jax.models.surrogate import Static, Surrogate
@@ -180,6 +206,10 @@ def run_diffusion(cfg: T.DiffusionConfig, opt: T.Optim, data: T.Data, *, seed: i
                           "num_steps": eval_steps, "success": ev["success"], "psnr": ev["psnr"], "ssim": ev["ssim"],
                           "wall_s": round(time.time() - t0, 1)}
         log(f"held-out oracle success: {json.dumps(ev['success'])}")
+    if cfg.family == "sd" and eval_n > 0:
+        report["eval"] = evaluate_t2i(models.load("sd", out_dir), eval_seed, eval_n, data.size,
+                                      eval_steps=eval_steps, max_objects=data.max_objects)
+        log(f"held-out text-to-image / img2img: {json.dumps(report['eval'])}")
     report["total_wall_s"] = round(time.time() - t_start, 1)
     from tdae_jax.models import weights
 

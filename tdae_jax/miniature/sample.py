@@ -75,7 +75,7 @@ def ip2p_edit(sur, images, ids, key, num_steps: int = 10, text_scale: float = 1.
     return jnp.clip(sur.decode(z), 0.0, 1.0)
 
 
-@functools.partial(jax.jit, static_argnames=("num_steps", "size"))
+@functools.partial(jax.jit, static_argnames=("num_steps", "size", "strength"))
 def text_to_image(sur, ids, key, num_steps: int = 20, scale: float = 3.0, images=None, strength: float = 1.0,
                   size: int = 32):
     """Text-to-image from token ids ``ids [B,T]``; with ``images`` given, SDEdit img2img at ``strength``

@@ -1,6 +1,8 @@
-"""Mesh over devices with one batch axis ``"data"`` (DESIGN.md, convention 5).
+"""Mesh over devices with a batch axis ``"data"`` and, for models too large for one device, a ``"model"``
+axis (DESIGN.md, convention 5).
 
-Batches are sharded over ``data``; surrogate params are replicated. ``pad_batch`` pads a batch to
+Batches are sharded over ``data``; surrogate params are replicated, or split over ``model`` by the
+surrogate's own rule (``SD3.shard``: Megatron-style attention/FF splits) when ``model_parallel > 1``. ``pad_batch`` pads a batch to
 a multiple of the device count with copies of its last row and a ``valid`` mask, so any number of
 images runs on any number of devices and the padding never reaches an output.
 """
@@ -13,14 +15,25 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
-def make_mesh(num_devices: int | None = None, axis: str = "data") -> Mesh:
-    """A 1-D mesh over the first ``num_devices`` devices (all by default)."""
+def make_mesh(num_devices: int | None = None, axis: str = "data", model_parallel: int = 1) -> Mesh:
+    """A mesh over the first ``num_devices`` devices (all by default): 1-D ``(axis,)``, or
+    ``(axis, "model")`` of shape ``(num_devices // model_parallel, model_parallel)`` when
+    ``model_parallel > 1`` (consecutive devices share a model replica, as MaxText lays out ICI axes)."""
     devices = jax.devices()
     if num_devices is not None:
         if num_devices < 1 or num_devices > len(devices):
             raise ValueError(f"num_devices={num_devices} but {len(devices)} devices are visible")
         devices = devices[:num_devices]
-    return Mesh(np.asarray(devices), (axis,))
+    if model_parallel < 1 or len(devices) % model_parallel:
+        raise ValueError(f"model_parallel={model_parallel} must be >= 1 and divide the {len(devices)} devices")
+    if model_parallel == 1:
+        return Mesh(np.asarray(devices), (axis,))
+    return Mesh(np.asarray(devices).reshape(-1, model_parallel), (axis, "model"))
+
+
+def data_size(mesh: Mesh) -> int:
+    """Devices along the batch axis (the first): batches are padded to a multiple of this."""
+    return int(mesh.shape[mesh.axis_names[0]])
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -44,7 +57,7 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 
 
 def padded_size(n: int, mesh: Mesh) -> int:
-    d = mesh.devices.size
+    d = data_size(mesh)
     return max(d, -(-n // d) * d)
 
 
