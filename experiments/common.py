@@ -187,3 +187,18 @@ def run_main(main):
         sys.exit(main(argv))
 
     app.run(_main)
+
+
+def replace_results(path, md: str) -> None:
+    """Write ``md`` between the results markers of ``path`` (or as the whole file), atomically."""
+    from tdae_jax.data import io as dio
+
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    p = Path(path)
+    text = p.read_text() if p.is_file() else ""
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + start + "\n" + md + end + rest.split(end, 1)[1]
+    else:
+        text = md
+    dio.atomic_write_bytes(p, text.encode())

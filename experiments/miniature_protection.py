@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from experiments import common
+
 from tdae_jax import configs, models, objectives, prng
 from tdae_jax.data import io as dio
 from tdae_jax.defenses import tdae
@@ -121,21 +123,6 @@ def table(rows, surrogate):
     return "\n".join(lines) + "\n"
 
 
-def replace_results(path, md: str) -> None:
-    """Write ``md`` between the results markers of ``path`` (or as the whole file), atomically."""
-    from pathlib import Path
-
-    start, end = "<!-- results:start -->", "<!-- results:end -->"
-    p = Path(path)
-    text = p.read_text() if p.is_file() else ""
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        text = head + start + "\n" + md + end + rest.split(end, 1)[1]
-    else:
-        text = md
-    dio.atomic_write_bytes(p, text.encode())
-
-
 def main(argv):
     del argv
     victims = FLAGS.victims or [m for m in shipped.names() if m.startswith("ip2p_")]
@@ -148,7 +135,7 @@ def main(argv):
           f"{FLAGS.edit_steps} DDIM steps, no guidance.\n\n" + table(rows, FLAGS.surrogate))
     print(md)
     if FLAGS.out:
-        replace_results(FLAGS.out, md)
+        common.replace_results(FLAGS.out, md)
 
 
 if __name__ == "__main__":

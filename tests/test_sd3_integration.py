@@ -272,20 +272,17 @@ def test_cli_sd3_rejects_sa(images, tmp_path, capsys):
     assert not work.exists()
 
 
-def test_cli_sd3_model_parallel_equals_data_parallel(images, tmp_path, tiny):
+def test_cli_sd3_model_parallel(images, tmp_path, tiny):
     """Issue 8 item 5 through the command: ``--model_parallel=4`` on the 8 forced devices splits the
-    transformer over a ("data", "model") = (2, 4) mesh (the Protector passes the weights as sharded arguments,
-    parallel/hoist.py) and gives the same protection as the replicated run."""
-    common = [f"--images={images}", "--objective=pgd", "--denoise_steps=1", "--guidance_scale=1.0", "--num_devices=8"]
-    works = {}
-    for mp in (1, 4):
-        works[mp] = tmp_path / f"mp{mp}"
-        assert _run(common + [f"--workdir={works[mp]}", f"--model_parallel={mp}"]) == 0
-    c1, c4 = _check_outputs(works[1]), _check_outputs(works[4])
-    np.testing.assert_allclose(c4["loss"], c1["loss"], rtol=1e-4)
-    a = np.asarray(Image.open(works[1] / "protected" / "img.png"), np.int16)
-    b = np.asarray(Image.open(works[4] / "protected" / "img.png"), np.int16)
-    assert np.mean(a != b) < 1e-3  # sign-PGD: a gradient entry at ~0 may flip between layouts
+    transformer over a ("data", "model") = (2, 4) mesh and protects the image (that the split run equals the
+    replicated one, with the weights kept split inside the compiled step, is
+    test_sd3_sharding.py::test_protector_keeps_model_sharding_and_matches_replicated)."""
+    work = tmp_path / "mp4"
+    assert _run([f"--images={images}", "--objective=pgd", "--denoise_steps=1", "--guidance_scale=1.0",
+                 "--num_devices=8", "--model_parallel=4", f"--workdir={work}"]) == 0
+    curves = _check_outputs(work)
+    assert np.all(np.isfinite(curves["loss"])) and len(curves["loss"]) == 2
+    assert "--model_parallel=4" in (work / "flags.flags").read_text()
 
 
 @pytest.mark.parametrize("args, message", [
