@@ -17,20 +17,14 @@ from __future__ import annotations
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 
 from experiments import common
-
-from tdae_jax import configs, models, objectives, prng
+from tdae_jax import models
 from tdae_jax.data import io as dio
-from tdae_jax.defenses import tdae
-from tdae_jax.miniature import oracle, sample, shipped
+from tdae_jax.miniature import oracle, shipped
+from tdae_jax.miniature import protection as mp
 from tdae_jax.miniature import train as T
-from tdae_jax.parallel import mesh as meshlib
-from tdae_jax.protect import Protector
 
 flags.DEFINE_string("surrogate", "ip2p_a", "Shipped miniature IP2P editor the defense optimises against.")
 flags.DEFINE_list("victims", [], "Editors to attack with (default: every shipped ip2p_* model).")
@@ -48,61 +42,22 @@ flags.DEFINE_string("out", "", "Write the Markdown table here (else print only).
 FLAGS = flags.FLAGS
 
 
-def parse_spec(spec: str) -> tuple[str, str]:
-    """"advdm_tdae" -> ("advdm", "tdae"); "pge_untargeted" -> ("pge_untargeted", "")."""
-    for variant in ("fdm", "tdae"):
-        if spec.endswith("_" + variant):
-            return spec[: -len(variant) - 1], variant
-    return spec, ""
-
-
-def protect(sur, x0_uint8, instructions, eps, spec, steps, denoise_steps=4):
-    host, variant = parse_spec(spec)
-    # the miniature editors sample without guidance (scales 1): the pgd host back-propagates that sampler
-    obj = configs.Objective(name=host, timesteps=2, denoise_steps=denoise_steps, guidance_scale=1.0,
-                            image_guidance_scale=1.0)
-    loss_fn = objectives.make_objective(host, sur, obj)
-    fdm = configs.FDM(mode="finite_difference" if variant in ("fdm", "tdae") else "off")
-    dpd = configs.DPD(enabled=variant == "tdae", period=10, steps=5)
-    init_fn, step_fn = tdae.make_step(loss_fn, budget=configs.Budget(eps), fdm=fdm, dpd=dpd,
-                                      pgd=configs.PGD(step_size=max(eps / 8, 1 / 255), steps=steps))
-    p = Protector(init_fn, step_fn, meshlib.make_mesh(), 8)
-    x0 = x0_uint8.astype(np.float32) / 255.0
-    ids = [f"scene{i}" for i in range(len(x0))]
-    out = []
-    for i in range(0, len(x0), 8):
-        sl = slice(i, i + 8)
-        tok = sur.tokenize(instructions[sl])
-        batch = {"x0": x0[sl], "uid": prng.uids(ids[sl]), "emb": np.asarray(sur.embed_ids(tok)),
-                 "uncond": np.asarray(sur.embed_ids(sur.tokenize([""] * len(tok))))}
-        delta, _, _ = p.run(batch, len(tok), steps, prng.base_key(0))
-        out.append(dio.quantize_protected(x0_uint8[sl], delta, eps))
-    return np.concatenate(out)
-
-
-def edit(sur, images_uint8, instructions, edit_steps):
-    ids = jnp.asarray(sur.tokenize(instructions))
-    y = sample.ip2p_edit(sur, jnp.asarray(images_uint8, jnp.float32) / 255.0, ids, jax.random.key(7),
-                         num_steps=edit_steps)
-    return np.round(np.asarray(y) * 255.0).astype(np.uint8)
-
-
 def run(surrogate, victims, eps_list, defenses, n, steps, edit_steps, seed, kinds=("recolour", "remove"),
         max_objects=2, denoise_steps=4):
     pairs = T.pairs(seed, n, 32, tuple(kinds), max_objects)
     sur = models.load("ip2p", shipped.path(surrogate))
     eds = {v: models.load("ip2p", shipped.path(v)) for v in victims}
     rows = []
-    clean = {v: oracle.evaluate(edit(s, pairs["source"], pairs["instruction"], edit_steps), pairs) for v, s in eds.items()}
+    clean = {v: oracle.evaluate(mp.edit(s, pairs["source"], pairs["instruction"], edit_steps), pairs) for v, s in eds.items()}
     for v in victims:
         rows.append(("none", 0, v, clean[v]["success"], clean[v]["psnr"]["all"]))
     for spec in defenses:
         for e in eps_list:
             t0 = time.time()
-            prot = protect(sur, pairs["source"], pairs["instruction"], e / 255.0, spec, steps, denoise_steps)
+            prot = mp.protect(sur, pairs["source"], pairs["instruction"], e / 255.0, spec, steps, denoise_steps)
             assert dio.linf_uint8(prot, pairs["source"]) <= int(e)
             for v, s in eds.items():
-                r = oracle.evaluate(edit(s, prot, pairs["instruction"], edit_steps), pairs)
+                r = oracle.evaluate(mp.edit(s, prot, pairs["instruction"], edit_steps), pairs)
                 rows.append((spec, e, v, r["success"], r["psnr"]["all"]))
             print(f"{spec} eps {e}/255 done in {time.time() - t0:.0f}s", flush=True)
     return rows

@@ -98,7 +98,8 @@ def test_strength_zero_is_the_vae_round_trip(sd, data, latent_sample="sample"):
         eps = E.get_noise(None, "encode", keys, E.latent_shape(s, x)) if latent_sample == "sample" else None
         return jnp.clip(s.decode(E.encode(s, x, eps)), 0, 1)
 
-    np.testing.assert_allclose(out, np.asarray(round_trip(sd, x, keys)), rtol=1e-6, atol=1e-6)
+    # two separately compiled programs: XLA may tile the decoder's sums differently (seen: 1.4e-6 on one pixel)
+    np.testing.assert_allclose(out, np.asarray(round_trip(sd, x, keys)), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["ip2p", "inpaint"])

@@ -163,8 +163,10 @@ def test_per_image_independence_all_modes():
             one = jax.tree.map(lambda a: a[i : i + 1], batch)
             single = jax.jit(f)(*_args(one, delta[i : i + 1]))
             for a, b in zip(full, single):
-                np.testing.assert_allclose(np.asarray(a)[i : i + 1], np.asarray(b), rtol=1e-6, atol=1e-6,
-                                           err_msg=name)  # z = l1 - l2 cancels: absolute ~1 ulp of the loss
+                # batch 4 vs batch 1 are different programs (XLA:CPU may vectorise the reductions differently:
+                # 6e-6 relative seen on an AVX-512 machine); a row leaking into another would be far larger
+                np.testing.assert_allclose(np.asarray(a)[i : i + 1], np.asarray(b), rtol=2e-5, atol=2e-5,
+                                           err_msg=name)
 
 
 def test_loss_decreases_plain_and_fdm():

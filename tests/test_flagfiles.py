@@ -30,9 +30,10 @@ def test_all_paper_rows_have_flagfiles():
                 assert f"{s}_{h}{v}.flags" in TDAE_FLAGFILES
 
 
-# CI runs a covering subset: every host, every defense variant and both UNet surrogates at least once (5 runs);
-# TDAE_ALL_FLAGFILES=1 runs all of them (each compiles its own step: ~1 min apiece on 2 cores).
-_SUBSET = ["ip2p_pge.flags", "sd14_pgd_fdm.flags", "ip2p_sa_tdae.flags", "sd14_mist_tpa.flags", "ip2p_ace_tdae.flags"]
+# CI runs a covering subset: every defense variant, both UNet surrogates and four of the five hosts (4 runs; the
+# ACE host runs end to end in tests/test_objectives.py); TDAE_ALL_FLAGFILES=1 runs all 40 (each compiles its own
+# step: ~1 min apiece on 2 cores).
+_SUBSET = ["ip2p_pge.flags", "sd14_pgd_fdm.flags", "ip2p_sa_tdae.flags", "sd14_mist_tpa.flags"]
 RUN = TDAE_FLAGFILES if os.environ.get("TDAE_ALL_FLAGFILES") else [n for n in _SUBSET if n in TDAE_FLAGFILES]
 
 
@@ -63,4 +64,4 @@ def test_flagfile_runs(name, images, tmp_path, monkeypatch):
 
 def test_quickstart_flagfile_is_complete():
     text = (FLAGS_DIR / "quickstart.flags").read_text()
-    assert "--objective=pge" in text and "--images=" in text
+    assert "--objective=pgd" in text and "--images=" in text and "--weights_dir=miniature:ip2p_a" in text

@@ -8,14 +8,13 @@ import pytest
 from tdae_jax import models
 from tdae_jax.data import io as dio
 from tdae_jax.miniature import oracle, shipped
+from tdae_jax.miniature import protection as mp
 from tdae_jax.miniature import train as T
 
 pytestmark = pytest.mark.skipif("ip2p_a" not in shipped.names(), reason="no shipped miniature editor")
 
 
 def test_intra_model_edit_success_drops_by_half():
-    from experiments import miniature_protection as mp
-
     sur = models.load("ip2p", shipped.path("ip2p_a"))
     pairs = T.pairs(1000, 16, 32, ("recolour", "remove"), 2)
     clean = oracle.evaluate(mp.edit(sur, pairs["source"], pairs["instruction"], 10), pairs)["success"]["all"]
