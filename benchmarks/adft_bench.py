@@ -41,7 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=1, help="images of the identity optimised together")
     p.add_argument("--iters", type=int, default=1, help="timed calls per step (after one warm-up call)")
     p.add_argument("--abstract", action="store_true", help="compile only (memory), no weights allocated")
-    p.add_argument("--remat", action="store_true", help="flax remat of the UNet blocks (less memory)")
+    p.add_argument("--mem-efficient-attention", action="store_true",
+                   help="diffusers' chunked attention in the UNet (use_memory_efficient_attention=True)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--malloc", default="default", choices=("default", "reuse"))
     p.add_argument("--only", nargs="+", default=["stage1", "stage2", "train"], choices=("stage1", "stage2", "train"),
@@ -64,6 +65,8 @@ def build(args):
     vae_cfg, unet_cfg = ARCHS[args.arch]
     vae = sd.vae_module(vae_cfg, Path("<vae config>"))
     unet = sd.unet_module(unet_cfg, Path("<unet config>"))
+    if args.mem_efficient_attention:
+        unet = unet.clone(use_memory_efficient_attention=True)
     static = sb.make_static("sd", vae, unet, f"random-{args.arch}")
     if args.abstract:
         import flax

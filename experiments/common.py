@@ -27,6 +27,10 @@ def track(fn):
     return define
 
 
+MEA_HELP = ("Chunked UNet attention under jax.checkpoint (diffusers' use_memory_efficient_attention): the same "
+            "function with about half the activation memory at 512 px; sd, ip2p, inpaint.")
+
+
 def define_protect_flags():
     DEFINE_string, DEFINE_enum, DEFINE_float = (track(flags.DEFINE_string), track(flags.DEFINE_enum),
                                                 track(flags.DEFINE_float))
@@ -53,6 +57,7 @@ def define_protect_flags():
     DEFINE_integer("num_devices", 0, "Devices in the mesh; 0 = all.")
     DEFINE_integer("model_parallel", 1, "Size of the 'model' mesh axis: > 1 splits the surrogate's params over "
                    "that many devices (sd3: SD3.5-large); the batch is split over the other devices.")
+    DEFINE_bool("memory_efficient_attention", False, MEA_HELP)
     DEFINE_integer("ckpt_every", 0, "Orbax checkpoint every k iterations (0 = off).")
     DEFINE_bool("retry_failed", False, "On resume, retry inputs that failed before.")
     DEFINE_bool("report", True, "Write report.html.")
@@ -126,6 +131,7 @@ def run_config_from_flags(F):
                         eps_t5=None if F.dpd_eps_t5 < 0 else F.dpd_eps_t5),
         batch_size=F.batch_size, seed=F.seed, size=None if F.resize == "none" else F.size, resize=F.resize,
         num_devices=F.num_devices or None, model_parallel=F.model_parallel,
+        memory_efficient_attention=F.memory_efficient_attention,
         ckpt_every=F.ckpt_every, retry_failed=F.retry_failed, report=F.report,
         log_every=F.log_every, default_prompt=F.default_prompt, preview_edit=F.preview_edit,
         preview_steps=F.preview_steps, preview_guidance=F.preview_guidance,

@@ -64,6 +64,7 @@ class RunConfig:
     resize: str = "center_crop"
     num_devices: int | None = None
     model_parallel: int = 1  # size of the "model" mesh axis; > 1 splits the surrogate's params (sd3)
+    memory_efficient_attention: bool = False  # chunked UNet attention (Surrogate.memory_efficient)
     ckpt_every: int = 0
     default_prompt: str = "make it a watercolor painting"
     retry_failed: bool = False
@@ -118,12 +119,15 @@ def _tiny(family: str):
 def load_surrogate(cfg: RunConfig):
     from tdae_jax import models
 
+    chunked = getattr(cfg, "memory_efficient_attention", False)
+    if chunked and cfg.surrogate == "sd3":
+        raise UsageError("--memory_efficient_attention: implemented for the UNet surrogates (sd, ip2p, inpaint); "
+                         "shard SD3 with --model_parallel instead")
     try:
-        if not cfg.weights_dir:
-            return _tiny(cfg.surrogate)
-        return models.load(cfg.surrogate, cfg.weights_dir)
+        sur = _tiny(cfg.surrogate) if not cfg.weights_dir else models.load(cfg.surrogate, cfg.weights_dir)
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load surrogate {cfg.surrogate!r} from {cfg.weights_dir or '<built-in>'}: {e}") from e
+    return sur.memory_efficient() if chunked else sur
 
 
 def _prompt_for(entry: dict | None, family: str, default: str) -> str:

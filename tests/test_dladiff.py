@@ -120,3 +120,39 @@ def test_baselines_keep_budget(sur, data):
     p, h = baselines.fsmg(sur, sur.params["unet"], x, uid, emb, cfg, jax.random.key(4))
     d = np.asarray(p.delta)
     assert 0 < np.abs(d).max() <= cfg.eps + 1e-6 and len(h["fsmg/cond"]) == 2
+
+
+def test_memory_efficient_attention_is_the_same_function(sur, data, layers):
+    """``Surrogate.memory_efficient`` (chunked attention under jax.checkpoint, the 512 px memory fix) keeps
+    params and function: eps, the DSUR maps, L_att (Eq. 8) and its gradient agree with full attention."""
+    x, uid, emb = data
+    mea = sur.memory_efficient()
+    assert mea.static.unet.use_memory_efficient_attention and not sur.static.unet.use_memory_efficient_attention
+    assert mea.params is sur.params and mea.memory_efficient() is mea
+    rng = np.random.default_rng(7)
+    static_params = jax.tree.map(lambda a: np.asarray(a) + 0.02 * rng.standard_normal(a.shape).astype(np.float32),
+                                 sur.params["unet"])
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(4), i))(jnp.asarray(uid))
+    x_adv = jnp.clip(jnp.asarray(x) + 0.02, 0, 1)
+
+    def objective(s, xa):
+        static_sur = s.replace(params={**s.params, "unet": static_params})
+        return dsur.l_att(static_sur, s, jnp.asarray(x), xa, jnp.asarray(emb), keys, layers).sum()
+
+    def probe(s):
+        z = jax.random.normal(jax.random.key(1), (2, 4, 16, 16))
+        eps, maps = s.unet_out(z, jnp.array([10, 500]), jnp.asarray(emb), attention=layers)
+        return eps, maps, *jax.value_and_grad(objective, argnums=1)(s, x_adv)
+
+    full, chunked = jax.jit(probe)(sur), jax.jit(probe)(mea)
+    eps_f, maps_f, l_f, g_f = full
+    eps_c, maps_c, l_c, g_c = chunked
+    assert len(maps_f) == 6 and set(maps_f) == set(maps_c)  # attn1 + attn2 of 3 blocks at 16x16
+    np.testing.assert_allclose(np.asarray(eps_c), np.asarray(eps_f), rtol=1e-5, atol=1e-5)
+    for k in maps_f:
+        np.testing.assert_allclose(np.asarray(maps_c[k]), np.asarray(maps_f[k]), rtol=1e-5, atol=1e-6)
+    assert float(l_f) > 0
+    np.testing.assert_allclose(float(l_c), float(l_f), rtol=1e-4)
+    g_f, g_c = np.asarray(g_f), np.asarray(g_c)
+    assert np.abs(g_f).max() > 0
+    np.testing.assert_allclose(g_c, g_f, rtol=1e-3, atol=1e-4 * np.abs(g_f).max())

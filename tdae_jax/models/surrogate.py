@@ -70,6 +70,18 @@ class Surrogate:
     def alphas_cumprod(self) -> jax.Array:
         return jnp.asarray(self.static.alphas_cumprod, jnp.float32)
 
+    def memory_efficient(self) -> "Surrogate":
+        """The same surrogate (same params) whose UNet computes attention in query/key chunks under
+        ``jax.checkpoint`` (diffusers' ``use_memory_efficient_attention``, Rabe & Staats 2021): the full
+        ``[B, heads, q, k]`` score tensor is never stored, so the backward pass of a 512 px SD-2.1 UNet
+        keeps a fraction of the activations (docs/benchmarks.md, ADFT). Same function up to float
+        rounding; the DSUR attention maps are still recomputed for the selected layers."""
+        if self.static.unet.use_memory_efficient_attention:
+            return self
+        unet = self.static.unet.clone(use_memory_efficient_attention=True)
+        static = dataclasses.replace(self.static, unet=unet, name=f"{self.static.name}+mea")
+        return self.replace(static=static)
+
     # ------------------------------------------------------------------ VAE
     def _moments(self, x: jax.Array):
         """VAE posterior (mean, std) in *unscaled* latent units, NCHW."""

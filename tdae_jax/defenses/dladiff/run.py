@@ -65,6 +65,7 @@ class DLADiffRunConfig:
     resize: str = "center_crop"
     seed: int = 0
     num_devices: int | None = None
+    memory_efficient_attention: bool = False  # chunked UNet attention (Surrogate.memory_efficient)
     ckpt_every: int = 0  # epochs
     retry_failed: bool = False
     report: bool = True
