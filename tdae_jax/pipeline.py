@@ -119,7 +119,7 @@ def _tiny(family: str):
 def load_surrogate(cfg: RunConfig):
     from tdae_jax import models
 
-    chunked = getattr(cfg, "memory_efficient_attention", False)
+    chunked = cfg.memory_efficient_attention  # RunConfig and DLADiffRunConfig both carry it
     if chunked and cfg.surrogate == "sd3":
         raise UsageError("--memory_efficient_attention: implemented for the UNet surrogates (sd, ip2p, inpaint); "
                          "shard SD3 with --model_parallel instead")
