@@ -10,7 +10,10 @@ compile time, ``memory_analysis()`` (arguments + temporaries = the step's peak o
 seconds per call. An epoch is then ``iter1 * stage1 + iter2 * stage2 + iter3 * train`` for ADFT (DLADiff
 defaults 3/3/3) and ``clean_steps * train + pgd_steps * stage2 + adv_steps * train`` for ASPL (Anti-DreamBooth
 defaults 3/6/3). ``--abstract`` compiles on ShapeDtypeStructs only (memory figures without allocating the
-weights; no timings), which is how the 512 px figures are taken on a small machine.
+weights; no timings), which is how the 512 px figures are taken on a small machine. ``--residuals`` adds, per
+step, the bytes of the residuals its differentiated function saves for the backward pass (by dtype): XLA:CPU
+computes bf16 convolutions and matmuls in float32, so its buffer assignment hides what bf16 saves on an
+accelerator, while the residuals are what the program asks every backend to keep.
 """
 from __future__ import annotations
 
@@ -43,6 +46,11 @@ def parse_args(argv=None):
     p.add_argument("--abstract", action="store_true", help="compile only (memory), no weights allocated")
     p.add_argument("--mem-efficient-attention", action="store_true",
                    help="diffusers' chunked attention in the UNet (use_memory_efficient_attention=True)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="surrogate compute dtype (bfloat16: Surrogate.mixed_precision, float32 UNet master weights)")
+    p.add_argument("--residuals", action="store_true",
+                   help="also sum the activations each step's gradient saves for its backward pass (jaxpr level: "
+                        "platform-independent, before XLA's buffer assignment; what bf16 halves on GPU/TPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--malloc", default="default", choices=("default", "reuse"))
     p.add_argument("--only", nargs="+", default=["stage1", "stage2", "train"], choices=("stage1", "stage2", "train"),
@@ -76,10 +84,13 @@ def build(args):
     else:
         params = {"vae": weights.random_params(vae, args.seed), "unet": weights.random_params(unet, args.seed + 1)}
     sur = Surrogate(params=params, static=static)
+    if args.dtype != "float32":  # eval_shape: works on the abstract params too
+        mixed = lambda s: s.mixed_precision(args.dtype)  # noqa: E731
+        sur = jax.eval_shape(mixed, sur) if args.abstract else mixed(sur)
     n_unet = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params["unet"]))
     print(f"# {args.arch}: UNet {unet_cfg['block_out_channels']} heads {unet_cfg['attention_head_dim']} "
           f"cross {unet_cfg['cross_attention_dim']}, {n_unet / 1e6:.1f} M params; VAE {vae_cfg['block_out_channels']}; "
-          f"{args.size} px, batch {args.batch}", flush=True)
+          f"{args.size} px, batch {args.batch}, compute dtype {args.dtype}", flush=True)
     b = args.batch
     rng = np.random.default_rng(args.seed)
     batch = {"x0": jnp.asarray(rng.uniform(0, 1, (b, args.size, args.size, 3)), jnp.float32),
@@ -89,6 +100,48 @@ def build(args):
     cfg = adft.ADFTConfig(layers=layers)
     tcfg = cfg.stage3(b)
     return sur, batch, cfg, tcfg, adft, ft
+
+
+def residual_bytes(fn, arg, const) -> dict:
+    """Bytes of the residuals ``jax.grad(fn)(arg, const)`` (w.r.t. ``arg`` only) saves for the backward pass,
+    by dtype, at the jaxpr level; residuals that are the inputs themselves (weights) are not counted."""
+    import jax
+    import numpy as np
+    from jax._src import ad_checkpoint
+
+    out: dict = {}
+    for aval, why in ad_checkpoint.saved_residuals(lambda a, c: fn(a, jax.lax.stop_gradient(c)), arg, const):
+        if hasattr(aval, "dtype") and hasattr(aval, "shape") and "argument" not in why:
+            out[str(aval.dtype)] = out.get(str(aval.dtype), 0) + int(np.prod(aval.shape)) * aval.dtype.itemsize
+    return out
+
+
+def print_residuals(sur, s_unet, batch, cfg, key):
+    import jax
+    import jax.numpy as jnp
+
+    from tdae_jax import prng
+    from tdae_jax.defenses.dladiff import dsur
+    from tdae_jax.editors import finetune as ft
+
+    keys = prng.image_keys(key, batch["uid"], jnp.zeros((), jnp.int32))
+    x0, emb = batch["x0"], batch["emb"]
+    delta = jax.ShapeDtypeStruct(x0.shape, jnp.float32)
+
+    def stage1(d, c):
+        s, static = c
+        return dsur.l_att(s.replace(params={**s.params, "unet": static}), s, x0, x0 + d, emb, keys, cfg.layers).sum()
+
+    def train(u, s):
+        return ft.diffusion_loss(s.replace(params={**s.params, "unet": u}), x0, emb, keys).mean()
+
+    fns = {"stage1 (L_att PGD)": (stage1, delta, (sur, s_unet)),
+           "stage2 (L_cond PGD)": (lambda d, s: ft.diffusion_loss(s, x0 + d, emb, keys).sum(), delta, sur),
+           "train (AdamW step)": (train, sur.params["unet"], sur)}
+    for name, (fn, arg, const) in fns.items():
+        by = residual_bytes(fn, arg, const)
+        parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in sorted(by.items()))
+        print(f"#   residuals {name}: {sum(by.values()) / 2**30:.2f} GiB ({parts})", flush=True)
 
 
 def main(argv=None):
@@ -102,7 +155,8 @@ def main(argv=None):
     t_all = time.perf_counter()
     sur, batch, cfg, tcfg, adft, ft = build(args)
     key = jax.random.key(args.seed)
-    unet = sur.params["unet"]
+    unet = sur.params["unet"]  # UNet_d: float32 master weights
+    s_unet = jax.eval_shape(sur.frozen_unet, unet) if args.abstract else sur.frozen_unet(unet)  # UNet_s
     as_spec = (lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), t))  # noqa: E731
     new_p = lambda: adft.init_perturb(jnp.zeros_like(batch["x0"]), cfg)  # noqa: E731  (each step donates its own)
     frozen = ft.frozen_part(sur, tcfg)
@@ -113,11 +167,13 @@ def main(argv=None):
     draw = jnp.arange(args.batch, dtype=jnp.int32)
     tbatch = {**batch, "draw": draw}
     steps = {
-        # static = dynamic = the same params here: the compiled program and its cost are the same
-        "stage1 (L_att PGD)": (adft.stage1_jit, (new_p(), sur, unet, unet, batch, key), {"cfg": cfg.trace_key()}),
+        # static = dynamic = the same weights here: the compiled program and its cost are the same
+        "stage1 (L_att PGD)": (adft.stage1_jit, (new_p(), sur, s_unet, unet, batch, key), {"cfg": cfg.trace_key()}),
         "stage2 (L_cond PGD)": (adft.stage2_jit, (new_p(), sur, unet, batch, key), {"cfg": adft.pgd_view(cfg)}),
         "train (AdamW step)": (ft.train_step_jit, (train_state, frozen, tbatch, key), {"cfg": tcfg.trace_key()}),
     }
+    if args.residuals:
+        print_residuals(sur, s_unet, batch, cfg, key)
     res = {}
     steps = {k: v for k, v in steps.items() if k.split()[0] in args.only}
     for name, (fn, a, kw) in steps.items():

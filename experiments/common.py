@@ -29,6 +29,10 @@ def track(fn):
 
 MEA_HELP = ("Chunked UNet attention under jax.checkpoint (diffusers' use_memory_efficient_attention): the same "
             "function with about half the activation memory at 512 px; sd, ip2p, inpaint.")
+DTYPE_HELP = ("Surrogate compute dtype. bfloat16 = mixed precision for GPU/TPU: convolutions, matmuls and "
+              "activations in bf16, frozen VAE/text-encoder weights stored in bf16, UNet weights kept as float32 "
+              "masters (fine-tuning and AdamW in float32), latents, losses and the perturbation in float32; "
+              "sd, ip2p, inpaint. (XLA:CPU computes bf16 convolutions in float32: no gain on CPU.)")
 
 
 def define_protect_flags():
@@ -58,6 +62,7 @@ def define_protect_flags():
     DEFINE_integer("model_parallel", 1, "Size of the 'model' mesh axis: > 1 splits the surrogate's params over "
                    "that many devices (sd3: SD3.5-large); the batch is split over the other devices.")
     DEFINE_bool("memory_efficient_attention", False, MEA_HELP)
+    DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], DTYPE_HELP)
     DEFINE_integer("ckpt_every", 0, "Orbax checkpoint every k iterations (0 = off).")
     DEFINE_bool("retry_failed", False, "On resume, retry inputs that failed before.")
     DEFINE_bool("report", True, "Write report.html.")
@@ -131,7 +136,7 @@ def run_config_from_flags(F):
                         eps_t5=None if F.dpd_eps_t5 < 0 else F.dpd_eps_t5),
         batch_size=F.batch_size, seed=F.seed, size=None if F.resize == "none" else F.size, resize=F.resize,
         num_devices=F.num_devices or None, model_parallel=F.model_parallel,
-        memory_efficient_attention=F.memory_efficient_attention,
+        memory_efficient_attention=F.memory_efficient_attention, dtype=F.dtype,
         ckpt_every=F.ckpt_every, retry_failed=F.retry_failed, report=F.report,
         log_every=F.log_every, default_prompt=F.default_prompt, preview_edit=F.preview_edit,
         preview_steps=F.preview_steps, preview_guidance=F.preview_guidance,

@@ -23,7 +23,7 @@ FLAGS = flags.FLAGS
 
 
 SHARED = ("images", "workdir", "weights_dir", "surrogate", "seed", "size", "resize", "num_devices", "ckpt_every",
-          "memory_efficient_attention", "retry_failed", "report")
+          "memory_efficient_attention", "dtype", "retry_failed", "report")
 
 
 def _define(kind: str, name: str, default, *args):
@@ -47,6 +47,7 @@ def define_flags():
     _define("enum", "resize", "center_crop", ["none", "center_crop", "resize", "pad"], "Input -> working size.")
     _define("integer", "num_devices", 0, "Devices in the data mesh; 0 = all.")
     _define("bool", "memory_efficient_attention", False, common.MEA_HELP)
+    _define("enum", "dtype", "float32", ["float32", "bfloat16"], common.DTYPE_HELP)
     _define("integer", "ckpt_every", 0, "Orbax checkpoint every k ADFT epochs (0 = off).")
     _define("bool", "retry_failed", False, "On resume, retry inputs that failed before.")
     _define("bool", "report", True, "Write report.html.")
@@ -127,7 +128,7 @@ def config_from_flags(F):
         encoders=tuple(F.encoders), encoder_params=tuple(F.encoder_params), landmarks=F.landmarks,
         detector=F.detector, missing_face=F.missing_face, size=None if F.resize == "none" else F.size,
         resize=F.resize, seed=F.seed, num_devices=F.num_devices or None, ckpt_every=F.ckpt_every,
-        memory_efficient_attention=F.memory_efficient_attention,
+        memory_efficient_attention=F.memory_efficient_attention, dtype=F.dtype,
         retry_failed=F.retry_failed, report=F.report)
 
 

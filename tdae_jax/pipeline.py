@@ -38,6 +38,7 @@ from tdae_jax.protect import Protector
 log = logging.getLogger("tdae_jax")
 
 DEFENSES = ("none", "fdm", "dpd", "tdae", "tpa")
+DTYPES = ("float32", "bfloat16")  # surrogate compute dtypes (--dtype)
 
 
 class UsageError(ValueError):
@@ -65,6 +66,7 @@ class RunConfig:
     num_devices: int | None = None
     model_parallel: int = 1  # size of the "model" mesh axis; > 1 splits the surrogate's params (sd3)
     memory_efficient_attention: bool = False  # chunked UNet attention (Surrogate.memory_efficient)
+    dtype: str = "float32"  # compute dtype; bfloat16 = mixed precision (Surrogate.mixed_precision)
     ckpt_every: int = 0
     default_prompt: str = "make it a watercolor painting"
     retry_failed: bool = False
@@ -109,6 +111,7 @@ def git_revision() -> str:
 
 @functools.lru_cache(maxsize=4)
 def _tiny(family: str):
+    """The built-in tiny surrogate (one object per family: runs in one process share compiled steps)."""
     from tdae_jax import models
 
     log.warning("no --weights_dir: using the built-in tiny random %s surrogate (plumbing only: its "
@@ -116,18 +119,35 @@ def _tiny(family: str):
     return models.tiny(family, seed=0)
 
 
+@functools.lru_cache(maxsize=8)
+def _tiny_variant(family: str, memory_efficient: bool, dtype: str):
+    return _variant(_tiny(family), memory_efficient, dtype)
+
+
+def _variant(sur, memory_efficient: bool, dtype: str):
+    """``--memory_efficient_attention`` and ``--dtype`` applied to a loaded surrogate."""
+    sur = sur.memory_efficient() if memory_efficient else sur
+    return sur.mixed_precision(dtype) if dtype != "float32" else sur
+
+
 def load_surrogate(cfg: RunConfig):
     from tdae_jax import models
 
-    chunked = cfg.memory_efficient_attention  # RunConfig and DLADiffRunConfig both carry it
+    chunked = cfg.memory_efficient_attention  # RunConfig and DLADiffRunConfig both carry both
     if chunked and cfg.surrogate == "sd3":
         raise UsageError("--memory_efficient_attention: implemented for the UNet surrogates (sd, ip2p, inpaint); "
                          "shard SD3 with --model_parallel instead")
+    if cfg.dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {DTYPES}, got {cfg.dtype!r}")
+    if cfg.dtype != "float32" and cfg.surrogate == "sd3":
+        raise UsageError("--dtype=bfloat16: implemented for the UNet surrogates (sd, ip2p, inpaint)")
     try:
-        sur = _tiny(cfg.surrogate) if not cfg.weights_dir else models.load(cfg.surrogate, cfg.weights_dir)
+        if not cfg.weights_dir:
+            return _tiny_variant(cfg.surrogate, chunked, cfg.dtype)
+        sur = models.load(cfg.surrogate, cfg.weights_dir)
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load surrogate {cfg.surrogate!r} from {cfg.weights_dir or '<built-in>'}: {e}") from e
-    return sur.memory_efficient() if chunked else sur
+    return _variant(sur, chunked, cfg.dtype)
 
 
 def _prompt_for(entry: dict | None, family: str, default: str) -> str:

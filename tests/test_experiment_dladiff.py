@@ -103,8 +103,12 @@ def test_both_layers_and_missing_face_fails(inputs, tmp_path, capsys):
 
 @pytest.mark.parametrize("flagfile", ["dladiff_aspl.flags", "dladiff_fsmg.flags"])
 def test_baseline_flagfiles(inputs, tmp_path, flagfile):
+    """ASPL and FSMG from their flagfiles; FSMG in bf16 mixed precision (``--dtype``: the frozen surrogate in
+    bf16, DSUR's fine-tuning on float32 master weights)."""
     work = tmp_path / flagfile.split(".")[0]
-    assert run(flagfile, inputs, work) == 0
+    bf16 = ["--dtype=bfloat16"] if "fsmg" in flagfile else []
+    assert run(flagfile, inputs, work, *bf16) == 0
+    assert json.loads((work / "config.json").read_text())["dtype"] == ("bfloat16" if bf16 else "float32")
     r = rows(work)
     for name in ("astronaut", "chelsea"):
         assert r[name]["status"] == "done" and 0 < int(r[name]["linf_255"]) <= 7

@@ -289,6 +289,7 @@ def test_cli_sd3_model_parallel(images, tmp_path, tiny):
     (["--surrogate=ip2p", "--model_parallel=2"], "parameter sharding is implemented for the sd3"),
     (["--model_parallel=3"], "must be >= 1 and divide the 8 devices"),
     (["--memory_efficient_attention"], "implemented for the UNet surrogates"),
+    (["--dtype=bfloat16"], "implemented for the UNet surrogates"),
 ])
 def test_cli_model_parallel_usage_errors(images, tmp_path, capsys, args, message):
     work = tmp_path / "bad"

@@ -82,13 +82,45 @@ class Surrogate:
         static = dataclasses.replace(self.static, unet=unet, name=f"{self.static.name}+mea")
         return self.replace(static=static)
 
+    @property
+    def compute_dtype(self):
+        """The dtype the UNet computes in (float32 unless :meth:`mixed_precision`)."""
+        return jnp.dtype(self.static.unet.dtype)
+
+    def mixed_precision(self, dtype=jnp.bfloat16) -> "Surrogate":
+        """The same surrogate computing in ``dtype`` (bf16 mixed precision, as MaxText's ``dtype`` vs
+        ``weight_dtype``): every module's convolutions, matmuls and activations run in ``dtype``; the frozen
+        VAE and text-encoder weights are stored in ``dtype``; the UNet weights stay float32 *master* weights
+        (DSUR, ADFT stage 3 and the fine-tuning attacker train them: Flax casts them at each use and their
+        gradients come back float32, so AdamW's state and updates stay float32). Latents, text embeddings,
+        UNet outputs and decoded images are returned as float32, so noise, timesteps, losses and their
+        per-image reductions stay float32; the attention maps of DSUR's L_att are float32 softmaxes.
+        ``dtype=float32`` returns ``self``. Halves the activation memory of the 512 px ADFT steps
+        (docs/benchmarks.md)."""
+        dtype = jnp.dtype(dtype)
+        if dtype == self.compute_dtype:
+            return self
+        st = self.static
+        modules = {k: getattr(st, k).clone(dtype=dtype) for k in ("vae", "unet", "text_encoder")
+                   if getattr(st, k) is not None}  # a benchmark surrogate may have no text encoder
+        static = dataclasses.replace(st, **modules, name=f"{st.name}+{dtype.name}")
+        params = {**self.params, **{k: cast_floats(self.params[k], dtype) for k in ("vae", "text_encoder")
+                                    if k in self.params}}
+        return self.replace(params=params, static=static)
+
+    def frozen_unet(self, unet_params):
+        """UNet params that will not be trained (DSUR's static UNet_s, FSMG's surrogate) stored in the compute
+        dtype (no master copy needed)."""
+        return cast_floats(unet_params, self.compute_dtype)
+
     # ------------------------------------------------------------------ VAE
     def _moments(self, x: jax.Array):
         """VAE posterior (mean, std) in *unscaled* latent units, NCHW."""
         sample = jnp.transpose(x * 2.0 - 1.0, (0, 3, 1, 2))
         dist = self.static.vae.apply({"params": self.params["vae"]}, sample, method=self.static.vae.encode).latent_dist
-        mean = jnp.transpose(dist.mean, (0, 3, 1, 2))
-        std = jnp.transpose(dist.std, (0, 3, 1, 2))
+        # latents are float32 whatever the VAE computes in (mixed precision: noise and losses stay fp32)
+        mean = jnp.transpose(dist.mean, (0, 3, 1, 2)).astype(jnp.float32)
+        std = jnp.transpose(dist.std, (0, 3, 1, 2)).astype(jnp.float32)
         return mean, std
 
     def encode(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
@@ -108,7 +140,7 @@ class Surrogate:
         # so an NCHW latent whose width equals the channel count (e.g. [B,4,h,4]) would be misread.
         z = jnp.transpose(z / self.static.scaling_factor, (0, 2, 3, 1))
         out = self.static.vae.apply({"params": self.params["vae"]}, z, method=self.static.vae.decode).sample
-        return jnp.transpose(out, (0, 2, 3, 1)) * 0.5 + 0.5
+        return jnp.transpose(out, (0, 2, 3, 1)).astype(jnp.float32) * 0.5 + 0.5
 
     # ------------------------------------------------------------------ diffusion
     def add_noise(self, z0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
@@ -157,15 +189,17 @@ class Surrogate:
         """
         sample = self.unet_input(z_t, image_latents, mask, masked_latents)
         t = jnp.broadcast_to(jnp.asarray(t), (sample.shape[0],))
-        variables = {"params": self.params["unet"]}
+        # mixed precision: float32 master weights are cast once, so a master and its frozen bf16 copy compute
+        # bit-identically (norm layers would otherwise promote to float32 for the master only)
+        variables = {"params": cast_floats(self.params["unet"], self.compute_dtype)}
         if attention is None:
-            return self.static.unet.apply(variables, sample, t, emb).sample
+            return self.static.unet.apply(variables, sample, t, emb).sample.astype(jnp.float32)
         with nn.intercept_methods(_attention_sower(attention)):
             out, state = self.static.unet.apply(variables, sample, t, emb, mutable=["intermediates"])
         maps = {}
         for path, leaf in flax.traverse_util.flatten_dict(flax.core.unfreeze(state["intermediates"])).items():
             maps["/".join(path[:-1])] = leaf[0] if isinstance(leaf, tuple) else leaf
-        return out.sample, maps
+        return out.sample.astype(jnp.float32), maps
 
     def eps(self, z_t, t, emb, image_latents=None, mask=None, masked_latents=None):
         """Epsilon prediction ``[B,C,h,w]`` at per-image timesteps ``t``."""
@@ -187,10 +221,17 @@ class Surrogate:
         out = self.static.text_encoder.apply(
             {"params": self.params["text_encoder"]}, ids, jnp.ones_like(ids), pos, deterministic=True
         )
-        return out[0]
+        return out[0].astype(jnp.float32)
 
     def embed_text(self, prompts: Sequence[str]) -> jax.Array:
         return self.embed_ids(self.tokenize(prompts))
+
+
+def cast_floats(tree, dtype):
+    """``tree`` with its floating-point leaves in ``dtype`` (integer leaves and leaves already in ``dtype``
+    untouched: a no-op on a float32 surrogate)."""
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype != dtype
+                        else a, tree)
 
 
 def _attention_sower(select: Callable[[str], bool]):

@@ -66,6 +66,7 @@ class DLADiffRunConfig:
     seed: int = 0
     num_devices: int | None = None
     memory_efficient_attention: bool = False  # chunked UNet attention (Surrogate.memory_efficient)
+    dtype: str = "float32"  # compute dtype; bfloat16 = mixed precision (Surrogate.mixed_precision)
     ckpt_every: int = 0  # epochs
     retry_failed: bool = False
     report: bool = True
@@ -154,7 +155,7 @@ def _layer1(cfg, sur, x, uids, x_clean, uid_clean, workdir: Path, progress):
         f"static surrogate (DSUR) step {s}/{cfg.static.steps} loss={m['loss']:.4g} {time.perf_counter() - t0:.0f}s")
     static = dsur.train_static(sur, x_clean, cfg.prompt, cfg.static, jax.random.fold_in(base, 2), uids=uid_clean,
                                log=logf, mesh=mesh)
-    s_unet = static.state.trainable["unet"]
+    s_unet = sur.frozen_unet(static.state.trainable["unet"])  # frozen from here: compute dtype, no master
     if cfg.method == "fsmg":
         p, h = baselines.fsmg(sur, s_unet, x, uids, emb, cfg.baseline, base, mesh=mesh)
         return np.asarray(p.delta), {"loss": np.stack(h["fsmg/cond"], 1)}
