@@ -52,12 +52,9 @@ def parse_args(argv=None):
                    help="also sum the activations each step's gradient saves for its backward pass (jaxpr level: "
                         "platform-independent, before XLA's buffer assignment; what bf16 halves on GPU/TPU)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--malloc", default="default", choices=("default", "reuse"))
     p.add_argument("--only", nargs="+", default=["stage1", "stage2", "train"], choices=("stage1", "stage2", "train"),
                    help="steps to measure (each in its own process fits a 24 GB machine at 256 px)")
-    for name in ("xla_flags", "matmul_precision", "cache_dir"):
-        p.add_argument("--" + name.replace("_", "-"), default="" if name == "xla_flags" else None)
-    return p.parse_args(argv)
+    return sb.add_jax_args(p).parse_args(argv)
 
 
 def build(args):

@@ -43,9 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--xla-flags", default="")
-    p.add_argument("--matmul-precision", default=None)
-    p.add_argument("--cache-dir", default=None)
+    sb.add_jax_args(p)
     return p.parse_args(argv)
 
 

@@ -56,8 +56,9 @@ def parse_args(argv=None):
                    help="advdm: fit t = t_vae + K (c + b L) to two --layers (t_vae from pge, same variant) and "
                         "print the 24-layer, K = 10 estimate")
     p.add_argument("--fit-cpu", action="store_true", help="extrapolate from CPU seconds instead of wall seconds")
-    p.add_argument("--xla-flags", default="")
-    return p.parse_args(argv)
+    from step_bench import add_jax_args
+
+    return add_jax_args(p).parse_args(argv)
 
 
 def random_params(shapes, key):
@@ -153,11 +154,8 @@ def bench_one(static, params, b, host, variant, k, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.xla_flags:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
     from step_bench import end_report, machine_report, med, setup_jax, table
 
-    args.matmul_precision, args.cache_dir = None, None
     setup_jax(args)
     t_start = time.perf_counter()
     machine_report()

@@ -70,19 +70,25 @@ TEXT_LEN, TEXT_DIM = 77, 768
 
 
 # ---------------------------------------------------------------------------------------------- setup
+def add_jax_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options :func:`setup_jax` reads (every benchmark takes them)."""
+    p.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before jax is imported")
+    p.add_argument("--matmul-precision", default=None,
+                   help="jax_default_matmul_precision (default: JAX's default; tests use 'highest')")
+    p.add_argument("--malloc", default="default", choices=("default", "reuse"),
+                   help="reuse: keep freed host memory (tdae_jax.runtime.reuse_host_memory, what the "
+                        "experiments do); applies to both frameworks in the process")
+    p.add_argument("--cache-dir", default=None,
+                   help="JAX persistent compilation cache (then 'compile s' is mostly a cache load)")
+    return p
+
+
 def parse_args(argv=None):
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--iters", type=int, default=None, help="timed iterations per step (after warm-up)")
     common.add_argument("--warmup", type=int, default=1, help="untimed iterations after compilation")
     common.add_argument("--seed", type=int, default=0)
-    common.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before jax is imported")
-    common.add_argument("--matmul-precision", default=None,
-                        help="jax_default_matmul_precision (default: JAX's default; tests use 'highest')")
-    common.add_argument("--malloc", default="default", choices=("default", "reuse"),
-                        help="reuse: keep freed host memory (tdae_jax.runtime.reuse_host_memory, what the "
-                             "experiments do); applies to both frameworks in the process")
-    common.add_argument("--cache-dir", default=None,
-                        help="JAX persistent compilation cache (then 'compile s' is mostly a cache load)")
+    add_jax_args(common)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     enc = sub.add_parser("encoder", parents=[common], help="PGE step, JAX vs PyTorch eager, SD-1.5 VAE")

@@ -86,11 +86,7 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--xla-flags", default="")
-    p.add_argument("--matmul-precision", default=None)
-    p.add_argument("--cache-dir", default=None)
-    p.add_argument("--malloc", default="default", choices=("default", "reuse"))
-    args = p.parse_args(argv)
+    args = sb.add_jax_args(p).parse_args(argv)
     sb.setup_jax(args)
     import _torch_ref
 
