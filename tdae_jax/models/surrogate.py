@@ -95,8 +95,9 @@ class Surrogate:
         gradients come back float32, so AdamW's state and updates stay float32). Latents, text embeddings,
         UNet outputs and decoded images are returned as float32, so noise, timesteps, losses and their
         per-image reductions stay float32; the attention maps of DSUR's L_att are float32 softmaxes.
-        ``dtype=float32`` returns ``self``. Halves the activation memory of the 512 px ADFT steps
-        (docs/benchmarks.md)."""
+        ``dtype=float32`` returns ``self``. At 512 px it cuts what the ADFT steps save for their backward
+        pass by about a third (GroupNorm normalizes in float32, as PyTorch's autocast does; docs/benchmarks.md),
+        on a backend with bf16 kernels (XLA:CPU computes bf16 convolutions in float32)."""
         dtype = jnp.dtype(dtype)
         if dtype == self.compute_dtype:
             return self
