@@ -161,9 +161,10 @@ def test_memory_efficient_attention_is_the_same_function(sur, data, layers):
 def test_mixed_precision_master_weights(sur, data, layers):
     """``Surrogate.mixed_precision`` (bf16 compute, the GPU/TPU memory option): frozen VAE/text weights stored
     in bf16, UNet kept as float32 master; the modules really compute in bf16 (eps differs from float32 by
-    bf16 rounding, not more); a frozen bf16 UNet_s and its float32 master compute identically (L_att = 0 at
-    delta); the image gradient points the same way; an ADFT epoch keeps UNet_d and AdamW's state float32, the
-    budget, and L_cond within bf16 noise of the float32 run's."""
+    bf16 rounding, not more); latents and losses come back float32 and within bf16 noise of float32's; a
+    frozen bf16 UNet_s and its float32 master compute identically (L_att = 0 at delta = 0); an ADFT training
+    step keeps UNet_d and AdamW's state float32. (Forward passes and one training step only: bf16 compiles
+    slowly on CPU. The bf16 image gradient is checked by the CLI test in test_experiment_tdae.py.)"""
     x, uid, emb = data
     mp = _tiny_variant("sd", False, "bfloat16")  # == sur.mixed_precision("bfloat16"), cached as the CLI's
     assert mp.static.name == sur.mixed_precision("bfloat16").static.name == sur.static.name + "+bfloat16"
@@ -183,31 +184,26 @@ def test_mixed_precision_master_weights(sur, data, layers):
         z = jax.random.normal(jax.random.key(1), (2, 4, 16, 16))
         s_static = s.replace(params={**s.params, "unet": static_unet})
         la = dsur.l_att(s_static, s, jnp.asarray(x), jnp.asarray(x), e, keys, layers)
-        grad = jax.grad(lambda xa: ft.diffusion_loss(s, xa, e, keys).sum())(jnp.asarray(x))
-        return s.eps(z, jnp.array([10, 500]), e), s.encode(jnp.asarray(x)), la, grad
+        return s.eps(z, jnp.array([10, 500]), e), s.encode(jnp.asarray(x)), la, ft.diffusion_loss(s, x, e, keys)
 
-    (eps32, _, _, g32), (eps16, z16, la, g16) = probe(sur, sur.params["unet"]), probe(mp, frozen)
-    assert eps16.dtype == jnp.float32 and z16.dtype == jnp.float32 and la.dtype == jnp.float32
-    eps32, eps16, g32, g16 = (np.asarray(a) for a in (eps32, eps16, g32, g16))
+    (eps32, _, _, lc32), (eps16, z16, la, lc16) = probe(sur, sur.params["unet"]), probe(mp, frozen)
+    assert all(a.dtype == jnp.float32 for a in (eps16, z16, la, lc16))
+    eps32, eps16 = np.asarray(eps32), np.asarray(eps16)
     rel = np.abs(eps16 - eps32).max() / np.abs(eps32).max()
     assert 1e-4 < rel < 0.1, rel  # bf16 rounding (8-bit mantissa): present, and small
+    np.testing.assert_allclose(np.asarray(lc16), np.asarray(lc32), rtol=0.05)  # L_cond, float32 reduction
     assert np.all(np.asarray(la) == 0.0)  # frozen bf16 copy == float32 master cast at use
-    cos = float((g32 * g16).sum() / np.linalg.norm(g32) / np.linalg.norm(g16))
-    assert cos > 0.9, cos  # the image gradient points the same way
 
-    # stages 2 and 3 (stage 1's L_att is probed above; its compile is the longest, bf16 compiles slower on CPU)
-    cfg = adft.ADFTConfig(layers=layers, epochs=1, iter1=0, iter2=2, iter3=1, lr=1e-3)
-    runs = {}
-    for name, s in (("fp32", sur), ("bf16", mp)):
-        runs[name] = adft.protect(s, s.frozen_unet(sur.params["unet"]), x, uid, emb, cfg, jax.random.key(3))
+    cfg = adft.ADFTConfig(layers=layers, epochs=1, iter1=0, iter2=0, iter3=1, lr=1e-3)  # stage 3 alone
+    runs = {n: adft.protect(s, s.frozen_unet(sur.params["unet"]), x, uid, emb, cfg, jax.random.key(3))
+            for n, s in (("fp32", sur), ("bf16", mp))}
     state, hist = runs["bf16"]
-    assert _dtypes(state.dynamic.trainable) == {"float32"}
+    assert _dtypes(state.dynamic.trainable) == {"float32"}  # the master moved, in float32
     assert _dtypes(state.dynamic.opt_state) <= {"float32", "int32"}
-    d = np.asarray(state.perturb.delta)
-    assert d.dtype == np.float32 and 0 < np.abs(d).max() <= cfg.eps + 1e-6
-    c32, c16 = (np.asarray(runs[n][1]["adft/cond"][0]) for n in ("fp32", "bf16"))
-    np.testing.assert_allclose(c16, c32, rtol=0.05)
-    assert np.isfinite(hist["adft/train"][0]).all()
+    moved = jax.tree.map(lambda a, b: not np.array_equal(np.asarray(a), np.asarray(b)),
+                         state.dynamic.trainable["unet"], sur.params["unet"])
+    assert any(jax.tree.leaves(moved))
+    np.testing.assert_allclose(hist["adft/train"][0], runs["fp32"][1]["adft/train"][0], rtol=0.05)
 
 
 def _dtypes(tree) -> set:

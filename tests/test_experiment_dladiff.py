@@ -80,7 +80,9 @@ def test_layer1_flagfile_and_resume(inputs, tmp_path, capsys):
 
 def test_layer2_flagfile(inputs, tmp_path):
     work = tmp_path / "l2"
-    assert run("dladiff_layer2.flags", inputs, work) == 0
+    assert run("dladiff_layer2.flags", inputs, work, "--dtype=bfloat16") == 0
+    # --dtype reaches the run config (layer 2 alone loads no diffusion surrogate; bf16 runs: test_dladiff.py)
+    assert json.loads((work / "config.json").read_text())["dtype"] == "bfloat16"
     j = jsonl(work)
     a, c = j["astronaut"], j["chelsea"]
     assert a["status"] == "done" and a["zs_steps"] == 12
@@ -103,12 +105,8 @@ def test_both_layers_and_missing_face_fails(inputs, tmp_path, capsys):
 
 @pytest.mark.parametrize("flagfile", ["dladiff_aspl.flags", "dladiff_fsmg.flags"])
 def test_baseline_flagfiles(inputs, tmp_path, flagfile):
-    """ASPL and FSMG from their flagfiles; FSMG in bf16 mixed precision (``--dtype``: the frozen surrogate in
-    bf16, DSUR's fine-tuning on float32 master weights)."""
     work = tmp_path / flagfile.split(".")[0]
-    bf16 = ["--dtype=bfloat16"] if "fsmg" in flagfile else []
-    assert run(flagfile, inputs, work, *bf16) == 0
-    assert json.loads((work / "config.json").read_text())["dtype"] == ("bfloat16" if bf16 else "float32")
+    assert run(flagfile, inputs, work) == 0
     r = rows(work)
     for name in ("astronaut", "chelsea"):
         assert r[name]["status"] == "done" and 0 < int(r[name]["linf_255"]) <= 7
