@@ -70,8 +70,6 @@ def build(args):
     vae_cfg, unet_cfg = ARCHS[args.arch]
     vae = sd.vae_module(vae_cfg, Path("<vae config>"))
     unet = sd.unet_module(unet_cfg, Path("<unet config>"))
-    if args.mem_efficient_attention:
-        unet = unet.clone(use_memory_efficient_attention=True)
     static = sb.make_static("sd", vae, unet, f"random-{args.arch}")
     if args.abstract:
         import flax
@@ -81,6 +79,7 @@ def build(args):
     else:
         params = {"vae": weights.random_params(vae, args.seed), "unet": weights.random_params(unet, args.seed + 1)}
     sur = Surrogate(params=params, static=static)
+    sur = sur.memory_efficient() if args.mem_efficient_attention else sur
     if args.dtype != "float32":  # eval_shape: works on the abstract params too
         mixed = lambda s: s.mixed_precision(args.dtype)  # noqa: E731
         sur = jax.eval_shape(mixed, sur) if args.abstract else mixed(sur)
