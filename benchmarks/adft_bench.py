@@ -50,7 +50,7 @@ def parse_args(argv=None):
                    help="surrogate compute dtype (bfloat16: Surrogate.mixed_precision, float32 UNet master weights)")
     p.add_argument("--residuals", action="store_true",
                    help="also sum the activations each step's gradient saves for its backward pass (jaxpr level: "
-                        "platform-independent, before XLA's buffer assignment; what bf16 halves on GPU/TPU)")
+                        "platform-independent, before XLA's buffer assignment; what bf16 shrinks on a GPU/TPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", nargs="+", default=["stage1", "stage2", "train"], choices=("stage1", "stage2", "train"),
                    help="steps to measure (each in its own process fits a 24 GB machine at 256 px)")

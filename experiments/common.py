@@ -29,6 +29,7 @@ def track(fn):
 
 MEA_HELP = ("Chunked UNet attention under jax.checkpoint (diffusers' use_memory_efficient_attention): the same "
             "function with about half the activation memory at 512 px; sd, ip2p, inpaint.")
+DTYPES = ["float32", "bfloat16"]  # = tdae_jax.pipeline.DTYPES (not imported here: flags load before jax)
 DTYPE_HELP = ("Surrogate compute dtype. bfloat16 = mixed precision for GPU/TPU: convolutions, matmuls and "
               "activations in bf16, frozen VAE/text-encoder weights stored in bf16, UNet weights kept as float32 "
               "masters (fine-tuning and AdamW in float32), latents, losses and the perturbation in float32; "
@@ -62,7 +63,7 @@ def define_protect_flags():
     DEFINE_integer("model_parallel", 1, "Size of the 'model' mesh axis: > 1 splits the surrogate's params over "
                    "that many devices (sd3: SD3.5-large); the batch is split over the other devices.")
     DEFINE_bool("memory_efficient_attention", False, MEA_HELP)
-    DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], DTYPE_HELP)
+    DEFINE_enum("dtype", "float32", DTYPES, DTYPE_HELP)
     DEFINE_integer("ckpt_every", 0, "Orbax checkpoint every k iterations (0 = off).")
     DEFINE_bool("retry_failed", False, "On resume, retry inputs that failed before.")
     DEFINE_bool("report", True, "Write report.html.")
@@ -173,7 +174,8 @@ def summarize(result, workdir, prefix: str = "") -> int:
 
 def run_cli(main, argv: list[str]) -> int:
     """Parse ``argv`` (``[prog, --flag=value, ...]``) into ``FLAGS`` and run ``main`` in-process; returns the exit
-    code (2 for a flag error, as absl would). The experiments' ``run_cli`` wrappers (used by the tests) call this."""
+    code (2 for a flag error, as :func:`run_main`). The experiments' ``run_cli`` wrappers (used by the tests) call
+    this."""
     FLAGS.unparse_flags()
     try:
         FLAGS(argv)
@@ -183,9 +185,19 @@ def run_cli(main, argv: list[str]) -> int:
     return main(argv[:1])
 
 
+def parse_flags(argv):
+    """absl's parser, but a bad flag is a usage error: exit code 2 (absl's own parser exits 1)."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e}\nPass --helpfull to see the flags.", file=sys.stderr)
+        sys.exit(2)
+
+
 def run_main(main):
-    """absl app.run with logging to stderr at INFO, and the exit code main returns. Freed host memory is kept
-    for the next iteration (``tdae_jax.runtime.reuse_host_memory``; ``TDAE_MALLOC=default`` opts out)."""
+    """absl app.run with logging to stderr at INFO, and the exit code main returns (2 for a bad flag). Freed host
+    memory is kept for the next iteration (``tdae_jax.runtime.reuse_host_memory``; ``TDAE_MALLOC=default`` opts
+    out)."""
     from tdae_jax import runtime
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -197,7 +209,7 @@ def run_main(main):
             logging.getLogger(noisy).setLevel(logging.WARNING)
         sys.exit(main(argv))
 
-    app.run(_main)
+    app.run(_main, flags_parser=parse_flags)
 
 
 def replace_results(path, md: str) -> None:

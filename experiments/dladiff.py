@@ -47,7 +47,7 @@ def define_flags():
     _define("enum", "resize", "center_crop", ["none", "center_crop", "resize", "pad"], "Input -> working size.")
     _define("integer", "num_devices", 0, "Devices in the data mesh; 0 = all.")
     _define("bool", "memory_efficient_attention", False, common.MEA_HELP)
-    _define("enum", "dtype", "float32", ["float32", "bfloat16"], common.DTYPE_HELP)
+    _define("enum", "dtype", "float32", common.DTYPES, common.DTYPE_HELP)
     _define("integer", "ckpt_every", 0, "Orbax checkpoint every k ADFT epochs (0 = off).")
     _define("bool", "retry_failed", False, "On resume, retry inputs that failed before.")
     _define("bool", "report", True, "Write report.html.")

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from absl import app, flags
 
+from experiments import common
+
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("model", "vae", ["vae", "ip2p", "sd"], "What to train.")
 flags.DEFINE_string("name", "", "Model name (directory under tdae_jax/assets/miniature/).")
@@ -117,4 +119,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=common.parse_flags)

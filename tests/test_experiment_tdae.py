@@ -185,7 +185,7 @@ def test_subprocess_exit_code_and_flagfile(tmp_path):
     assert "--steps=3" in saved and "--objective=pge" in saved
     r = subprocess.run([sys.executable, "-m", "experiments.tdae", "--nosuch_flag=1"], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
-    assert r.returncode != 0 and "nosuch_flag" in r.stderr
+    assert r.returncode == 2 and "nosuch_flag" in r.stderr  # a bad flag is a usage error
 
 
 def test_memory_efficient_attention_and_dtype_flags(tmp_path):
@@ -203,6 +203,10 @@ def test_memory_efficient_attention_and_dtype_flags(tmp_path):
     assert "--memory_efficient_attention" in (tmp_path / "chunked" / "flags.flags").read_text()
     assert "--dtype=bfloat16" in (tmp_path / "bf16" / "flags.flags").read_text()
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    from experiments import common
+    from tdae_jax import pipeline
+
+    assert common.DTYPES == list(pipeline.DTYPES)  # the flag's choices are what load_surrogate accepts
     assert outs[0].shape == outs[1].shape == outs[2].shape == (40, 48, 3)
     assert np.mean(outs[0] == outs[1]) >= 0.99 and np.abs(outs[0] - outs[1]).max() <= 3
     orig = _rgb(11).astype(np.int16)
