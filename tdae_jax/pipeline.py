@@ -127,7 +127,7 @@ def _tiny_variant(family: str, memory_efficient: bool, dtype: str):
 def _variant(sur, memory_efficient: bool, dtype: str):
     """``--memory_efficient_attention`` and ``--dtype`` applied to a loaded surrogate."""
     sur = sur.memory_efficient() if memory_efficient else sur
-    return sur.mixed_precision(dtype)  # float32: the surrogate itself
+    return sur.mixed_precision(dtype) if dtype != "float32" else sur  # SD3 has no mixed_precision (refused above)
 
 
 def load_surrogate(cfg: RunConfig):
