@@ -9,7 +9,8 @@ PGD step, ``finetune.train_step_jit`` = one AdamW step of the UNet, ADFT stage 3
 compile time, ``memory_analysis()`` (arguments + temporaries = the step's peak on the device), and median
 seconds per call. An epoch is then ``iter1 * stage1 + iter2 * stage2 + iter3 * train`` for ADFT (DLADiff
 defaults 3/3/3) and ``clean_steps * train + pgd_steps * stage2 + adv_steps * train`` for ASPL (Anti-DreamBooth
-defaults 3/6/3). ``--abstract`` compiles on ShapeDtypeStructs only (memory figures without allocating the
+defaults 3/6/3). On a GPU/TPU each step's line also gives the allocator's peak so far (``memory_stats``: it
+grows over the steps of one process, weights and optimizer state included). ``--abstract`` compiles on ShapeDtypeStructs only (memory figures without allocating the
 weights; no timings), which is how the 512 px figures are taken on a small machine. ``--residuals`` adds, per
 step, the bytes of the residuals its differentiated function saves for the backward pass (by dtype): XLA:CPU
 computes bf16 convolutions and matmuls in float32, so its buffer assignment hides what bf16 saves on an
@@ -193,8 +194,11 @@ def main(argv=None):
                 train_state = state
         res[name] = {"compile": compile_s, "arg": ma.argument_size_in_bytes, "temp": ma.temp_size_in_bytes,
                      "peak": peak, "s": float(np.median(times)) if times else float("nan")}
+        stats = jax.local_devices()[0].memory_stats() or {}  # GPU/TPU allocators; None on CPU
+        held = (f", device peak so far {stats['peak_bytes_in_use'] / 2**30:.2f} GiB (in use "
+                f"{stats.get('bytes_in_use', 0) / 2**30:.2f})" if "peak_bytes_in_use" in stats else "")
         print(f"#   {name}: compile {compile_s:.1f} s, argument {ma.argument_size_in_bytes / 2**30:.2f} GiB, "
-              f"temp {ma.temp_size_in_bytes / 2**30:.2f} GiB, s/call {sb.fmt_times(times) if times else '-'}",
+              f"temp {ma.temp_size_in_bytes / 2**30:.2f} GiB, s/call {sb.fmt_times(times) if times else '-'}{held}",
               flush=True)
         del compiled, lowered
     gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731

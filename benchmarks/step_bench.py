@@ -72,6 +72,8 @@ TEXT_LEN, TEXT_DIM = 77, 768
 # ---------------------------------------------------------------------------------------------- setup
 def add_jax_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options :func:`setup_jax` reads (every benchmark takes them)."""
+    p.add_argument("--platform", default=None,
+                   help="JAX_PLATFORMS for this run (default: $JAX_PLATFORMS, else cpu); e.g. cuda, tpu")
     p.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before jax is imported")
     p.add_argument("--matmul-precision", default=None,
                    help="jax_default_matmul_precision (default: JAX's default; tests use 'highest')")
@@ -95,7 +97,9 @@ def parse_args(argv=None):
     enc.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     enc.add_argument("--eps", type=float, default=0.03)
     enc.add_argument("--alpha", type=float, default=0.005)
+    enc.add_argument("--batch", type=int, default=1, help="images per step (one jitted step / one autograd pass)")
     enc.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    enc.add_argument("--torch-device", default="cpu", help="torch device of the reference loop (cpu, cuda)")
     td = sub.add_parser("tdae", parents=[common], help="host / +FDM / +TPA seconds per iteration")
     td.add_argument("--arch", nargs="+", default=["sd15", "ip2p"], choices=sorted(ARCHS))
     td.add_argument("--size", type=int, default=256)
@@ -124,6 +128,8 @@ def parse_args(argv=None):
 def setup_jax(args):
     if args.xla_flags:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
+    if args.platform:
+        os.environ["JAX_PLATFORMS"] = args.platform
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if args.malloc == "reuse":
         from tdae_jax import runtime
@@ -165,7 +171,7 @@ def machine_report(extra: dict | None = None) -> None:
     print(f"# versions: python {platform.python_version()}, jax {jax.__version__}, jaxlib {jaxlib.__version__}, "
           f"flax {flax.__version__}, diffusers {diffusers.__version__}"
           + "".join(f", {k} {v}" for k, v in (extra or {}).items()))
-    print(f"# jax: backend={jax.default_backend()}, devices={len(jax.devices())}, "
+    print(f"# jax: backend={jax.default_backend()}, devices={len(jax.devices())} x {jax.devices()[0].device_kind!r}, "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
           f"matmul_precision={jax.config.values['jax_default_matmul_precision']}")
     sys.stdout.flush()
@@ -234,18 +240,18 @@ def arch_surrogate(arch: str, seed: int, abstract: bool = False):
     return make_static(family, vae, unet, f"random-{arch}"), params
 
 
-def host_batch(size: int, seed: int):
+def host_batch(size: int, seed: int, batch: int = 1):
     import jax.numpy as jnp
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    tok = np.zeros((1, TEXT_LEN), np.float32)
-    tok[0, 1:6] = 1.0  # five content tokens (SA's target tokens)
+    tok = np.zeros((batch, TEXT_LEN), np.float32)
+    tok[:, 1:6] = 1.0  # five content tokens (SA's target tokens)
     return {
-        "x0": jnp.asarray(rng.uniform(0.0, 1.0, (1, size, size, 3)).astype(np.float32)),
-        "uid": jnp.asarray([0], jnp.int32),
-        "emb": jnp.asarray(rng.standard_normal((1, TEXT_LEN, TEXT_DIM)).astype(np.float32)),
-        "uncond": jnp.asarray(rng.standard_normal((1, TEXT_LEN, TEXT_DIM)).astype(np.float32)),
+        "x0": jnp.asarray(rng.uniform(0.0, 1.0, (batch, size, size, 3)).astype(np.float32)),
+        "uid": jnp.arange(batch, dtype=jnp.int32),
+        "emb": jnp.asarray(rng.standard_normal((batch, TEXT_LEN, TEXT_DIM)).astype(np.float32)),
+        "uncond": jnp.asarray(rng.standard_normal((batch, TEXT_LEN, TEXT_DIM)).astype(np.float32)),
         "token_mask": jnp.asarray(tok),
     }
 
@@ -295,18 +301,20 @@ def cmd_encoder(args):
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    machine_report(_torch_ref.info())
+    if args.matmul_precision in ("highest", "float32"):
+        _torch_ref.set_tf32(False)
+    machine_report(_torch_ref.info(args.torch_device))
     with tempfile.TemporaryDirectory() as d:
-        tvae = _torch_ref.build_vae(SD15_VAE, args.seed, Path(d) / "vae")
+        tvae = _torch_ref.build_vae(SD15_VAE, args.seed, Path(d) / "vae").to(args.torch_device)
         vae, vae_params = sd.load_vae(Path(d) / "vae")
     static = make_static("sd", vae, None, "sd15-vae-torch-init")
     params = {"vae": vae_params}
     print(f"# SD-1.5 VAE, torch default init (seed {args.seed}), {sum(p.numel() for p in tvae.parameters()) / 1e6:.1f} M "
-          f"params; eps={args.eps} alpha={args.alpha}; batch 1; warmup {args.warmup}, timed {args.iters}")
+          f"params; eps={args.eps} alpha={args.alpha}; batch {args.batch}; warmup {args.warmup}, timed {args.iters}")
     key = jax.random.key(args.seed)
     rows = []
     for size in args.sizes:
-        batch = {k: v for k, v in host_batch(size, args.seed).items() if k in ("x0", "uid")}
+        batch = {k: v for k, v in host_batch(size, args.seed, args.batch).items() if k in ("x0", "uid")}
         init, step = make_bench_step(static, "pge", "host", eps=args.eps, alpha=args.alpha)
         state = init(batch)
         compiled, compile_s = compile_step(step, params, state, batch, key)
@@ -321,7 +329,7 @@ def cmd_encoder(args):
                     state, metrics = block(compiled(params, state, batch, key))
                     dts[who], cpu[who] = time.perf_counter() - t0, time.process_time() - c0
                     if i == 0:
-                        jax_loss0, jax_delta1 = float(metrics["loss"][0]), np.asarray(state.delta)
+                        jax_loss0, jax_delta1 = float(metrics["loss"].sum()), np.asarray(state.delta)
                 else:
                     loss = ref.step()
                     dts[who], cpu[who] = time.perf_counter() - t0, time.process_time() - c0
