@@ -10,8 +10,9 @@ compile time, ``memory_analysis()`` (arguments + temporaries = the step's peak o
 seconds per call. An epoch is then ``iter1 * stage1 + iter2 * stage2 + iter3 * train`` for ADFT (DLADiff
 defaults 3/3/3) and ``clean_steps * train + pgd_steps * stage2 + adv_steps * train`` for ASPL (Anti-DreamBooth
 defaults 3/6/3). On a GPU/TPU each step's line also gives the allocator's peak so far (``memory_stats``: it
-grows over the steps of one process, weights and optimizer state included). ``--abstract`` compiles on ShapeDtypeStructs only (memory figures without allocating the
-weights; no timings), which is how the 512 px figures are taken on a small machine. ``--residuals`` adds, per
+grows over the steps of one process, weights, optimizer state and compile-time scratch included).
+``--abstract`` compiles on ShapeDtypeStructs only (memory figures without allocating the weights; no timings),
+which is how the 512 px figures are taken on a small machine. ``--residuals`` adds, per
 step, the bytes of the residuals its differentiated function saves for the backward pass (by dtype): XLA:CPU
 computes bf16 convolutions and matmuls in float32, so its buffer assignment hides what bf16 saves on an
 accelerator, while the residuals are what the program asks every backend to keep.
