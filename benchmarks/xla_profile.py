@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import step_bench as sb  # noqa: E402
 
 
-def jax_profile(size: int, iters: int, seed: int, vae_dir: Path):
+def jax_profile(size: int, iters: int, seed: int, vae_dir: Path, batch: int = 1):
     import jax
 
     from tdae_jax.models import sd
@@ -35,7 +35,7 @@ def jax_profile(size: int, iters: int, seed: int, vae_dir: Path):
     vae, vae_params = sd.load_vae(vae_dir)
     params = {"vae": vae_params}
     init, step = sb.make_bench_step(sb.make_static("sd", vae, None, "sd15-vae-torch-init"), "pge", "host")
-    batch = {k: v for k, v in sb.host_batch(size, seed).items() if k in ("x0", "uid")}
+    batch = {k: v for k, v in sb.host_batch(size, seed, batch).items() if k in ("x0", "uid")}
     key, state = jax.random.key(seed), init(batch)
     compiled, _ = sb.compile_step(step, params, state, batch, key)
     cost = compiled.cost_analysis()
@@ -62,13 +62,13 @@ def jax_profile(size: int, iters: int, seed: int, vae_dir: Path):
     return sb.med(times[1:]), flops, kinds
 
 
-def torch_profile(size: int, iters: int, seed: int, tvae):
+def torch_profile(size: int, iters: int, seed: int, tvae, batch: int = 1):
     import numpy as np
     import torch
 
     import _torch_ref
 
-    ref = _torch_ref.EncoderPGD(tvae, np.asarray(sb.host_batch(size, seed)["x0"]), 0.03, 0.005)
+    ref = _torch_ref.EncoderPGD(tvae, np.asarray(sb.host_batch(size, seed, batch)["x0"]), 0.03, 0.005)
     times = []
     for _ in range(1 + iters):
         t0 = time.perf_counter()
@@ -84,6 +84,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--batch", type=int, default=1, help="images per step")
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
     args = sb.add_jax_args(p).parse_args(argv)
@@ -94,9 +95,9 @@ def main(argv=None):
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         tvae = _torch_ref.build_vae(sb.SD15_VAE, args.seed, Path(d) / "vae")
-        j_s, flops, j_kinds = jax_profile(args.size, args.iters, args.seed, Path(d) / "vae")
-    t_s, t_kinds = torch_profile(args.size, args.iters, args.seed, tvae)
-    print(f"# SD-1.5 VAE encoder PGE step, {args.size} px, batch 1: XLA cost_analysis {flops / 1e9:.1f} GFLOP")
+        j_s, flops, j_kinds = jax_profile(args.size, args.iters, args.seed, Path(d) / "vae", args.batch)
+    t_s, t_kinds = torch_profile(args.size, args.iters, args.seed, tvae, args.batch)
+    print(f"# SD-1.5 VAE encoder PGE step, {args.size} px, batch {args.batch}: XLA cost_analysis {flops / 1e9:.1f} GFLOP")
     print(f"# jax {j_s:.3f} s/step ({flops / 1e9 / j_s:.0f} GFLOP/s); torch {t_s:.3f} s/step "
           f"({flops / 1e9 / t_s:.0f} GFLOP/s at the same FLOPs); torch/jax {t_s / j_s:.2f}")
     for name, kinds in (("jax (XLA:CPU thunks)", j_kinds), ("torch (self CPU time, all threads)", t_kinds)):

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tdae_jax.models import fastconv
+
 IN_CHANNELS = {"sd": 4, "ip2p": 8, "inpaint": 9}
 
 
@@ -118,7 +120,9 @@ class Surrogate:
     def _moments(self, x: jax.Array):
         """VAE posterior (mean, std) in *unscaled* latent units, NCHW."""
         sample = jnp.transpose(x * 2.0 - 1.0, (0, 3, 1, 2))
-        dist = self.static.vae.apply({"params": self.params["vae"]}, sample, method=self.static.vae.encode).latent_dist
+        with fastconv.polyphase_downsampling():  # the downsampling convs' input gradient (fastconv.py)
+            dist = self.static.vae.apply({"params": self.params["vae"]}, sample,
+                                         method=self.static.vae.encode).latent_dist
         # latents are float32 whatever the VAE computes in (mixed precision: noise and losses stay fp32)
         mean = jnp.transpose(dist.mean, (0, 3, 1, 2)).astype(jnp.float32)
         std = jnp.transpose(dist.std, (0, 3, 1, 2)).astype(jnp.float32)
@@ -194,8 +198,9 @@ class Surrogate:
         # bit-identically (norm layers would otherwise promote to float32 for the master only)
         variables = {"params": cast_floats(self.params["unet"], self.compute_dtype)}
         if attention is None:
-            return self.static.unet.apply(variables, sample, t, emb).sample.astype(jnp.float32)
-        with nn.intercept_methods(_attention_sower(attention)):
+            with fastconv.polyphase_downsampling():
+                return self.static.unet.apply(variables, sample, t, emb).sample.astype(jnp.float32)
+        with fastconv.polyphase_downsampling(), nn.intercept_methods(_attention_sower(attention)):
             out, state = self.static.unet.apply(variables, sample, t, emb, mutable=["intermediates"])
         maps = {}
         for path, leaf in flax.traverse_util.flatten_dict(flax.core.unfreeze(state["intermediates"])).items():
