@@ -83,3 +83,22 @@ def test_surrogate_gradients_use_polyphase_and_are_unchanged(family, monkeypatch
     plain = f_plain(x, z)
     for a, b in zip(with_poly, plain):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6 * float(jnp.abs(b).max()))
+
+
+def test_input_is_saved_only_when_the_kernel_gradient_is_wanted():
+    """An attack differentiates w.r.t. the image only: the convolution's input is then not kept for the backward
+    pass (the input gradient of a convolution needs only the kernel); a training step (kernel gradient) keeps it."""
+    from jax._src import ad_checkpoint
+
+    x, k = jnp.ones((1, 16, 16, 8)), jnp.ones((3, 3, 8, 8))
+
+    def f(x, k):
+        return jnp.sum(jnp.sin(fastconv.conv3x3_s2(x, k, ((0, 1), (0, 1)))))
+
+    def saved(fn, *args):
+        return [tuple(a.shape) for a, _ in ad_checkpoint.saved_residuals(fn, *args)]
+
+    assert x.shape not in saved(lambda x: f(x, k), x)
+    assert x.shape in saved(f, x, k)
+    dx_only = jax.grad(lambda x: f(x, k))(x)
+    np.testing.assert_array_equal(np.asarray(dx_only), np.asarray(jax.grad(f, argnums=0)(x, k)))

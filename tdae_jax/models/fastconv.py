@@ -38,32 +38,42 @@ def _forward(x, k, pads, precision):
     return lax.conv_general_dilated(x, k, (2, 2), pads, dimension_numbers=_DN, precision=precision)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv3x3_s2(x: jax.Array, k: jax.Array, pads: tuple, precision=None) -> jax.Array:
     """``lax.conv_general_dilated(x, k, (2, 2), pads)`` for NHWC ``x`` and HWIO ``k`` of shape
     ``[3, 3, Ci, Co]``; ``pads`` = ``((top, bottom), (left, right))``."""
+    return _conv(x, k, tuple(map(tuple, pads)), precision, tuple(x.shape))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv(x, k, pads, precision, x_shape):
     return _forward(x, k, pads, precision)
 
 
-def _fwd(x, k, pads, precision):
-    return _forward(x, k, pads, precision), (x, k)
+def _fwd(x, k, pads, precision, x_shape):
+    # symbolic_zeros=True: x, k arrive as CustomVJPPrimal(value, perturbed). The input is kept for the backward
+    # pass only when the kernel gradient is wanted: an attack on frozen weights saves no activation here.
+    y = _forward(x.value, k.value, pads, precision)
+    return y, (x.value if k.perturbed else None, k.value)
 
 
-def _bwd(pads, precision, res, g):
+def _bwd(pads, precision, x_shape, res, g):
     x, k = res
-    dk = jax.vjp(lambda k_: _forward(x, k_, pads, precision), k)[1](g)[0]
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):
+        g = jnp.zeros(g.shape, g.dtype)
+    dk = None if x is None else jax.vjp(lambda k_: _forward(x, k_, pads, precision), k)[1](g)[0]
 
     def xla_dx(g_, k_):  # XLA's transposed convolution (native on GPU/TPU)
-        return jax.vjp(lambda x_: _forward(x_, k_, pads, precision), x)[1](g_)[0]
+        zeros = jnp.zeros(x_shape, k_.dtype)  # the map x -> conv(x, k) is linear: its VJP needs no x
+        return jax.vjp(lambda x_: _forward(x_, k_, pads, precision), zeros)[1](g_)[0]
 
     def poly_dx(g_, k_):
-        return polyphase_input_grad(g_, k_, x.shape, pads, precision)
+        return polyphase_input_grad(g_, k_, x_shape, pads, precision)
 
     dx = lax.platform_dependent(g, k, cpu=poly_dx, default=xla_dx)
-    return dx.astype(x.dtype), dk
+    return dx.astype(k.dtype), dk
 
 
-conv3x3_s2.defvjp(_fwd, _bwd)
+_conv.defvjp(_fwd, _bwd, symbolic_zeros=True)
 
 
 def polyphase_input_grad(g: jax.Array, k: jax.Array, x_shape: tuple, pads: tuple, precision=None) -> jax.Array:
