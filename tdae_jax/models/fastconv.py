@@ -18,7 +18,7 @@ rounding (tests/test_fastconv.py).
 
 ``polyphase_downsampling()`` is a Flax method interceptor that routes every eligible ``nn.Conv`` (3x3, strides
 2, no dilation or groups, NHWC) of the model being applied through :func:`conv3x3_s2`; ``Surrogate`` applies
-its VAE and UNet under it.
+its VAE and UNet under it, the SD3 VAE encoder (``sd3_vae.moments``) too.
 """
 from __future__ import annotations
 

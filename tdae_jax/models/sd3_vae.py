@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tdae_jax.models import sd3_io
+from tdae_jax.models import fastconv, sd3_io
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +100,8 @@ def moments(vae, info: VAEInfo, params: Any, images: jax.Array) -> tuple[jax.Arr
         h = m.encoder(x, deterministic=True)
         return m.quant_conv(h) if info.use_quant_conv else h
 
-    mom = vae.apply({"params": params}, images, method=enc)
+    with fastconv.polyphase_downsampling():  # the downsampling convs' input gradient on CPU (fastconv.py)
+        mom = vae.apply({"params": params}, images, method=enc)
     mean, logvar = jnp.split(mom, 2, axis=-1)
     std = jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0))
     return jnp.transpose(mean, (0, 3, 1, 2)), jnp.transpose(std, (0, 3, 1, 2))

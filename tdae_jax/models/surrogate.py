@@ -197,11 +197,11 @@ class Surrogate:
         # mixed precision: float32 master weights are cast once, so a master and its frozen bf16 copy compute
         # bit-identically (norm layers would otherwise promote to float32 for the master only)
         variables = {"params": cast_floats(self.params["unet"], self.compute_dtype)}
-        if attention is None:
-            with fastconv.polyphase_downsampling():
+        with fastconv.polyphase_downsampling():  # the downsampling convs' input gradient on CPU (fastconv.py)
+            if attention is None:
                 return self.static.unet.apply(variables, sample, t, emb).sample.astype(jnp.float32)
-        with fastconv.polyphase_downsampling(), nn.intercept_methods(_attention_sower(attention)):
-            out, state = self.static.unet.apply(variables, sample, t, emb, mutable=["intermediates"])
+            with nn.intercept_methods(_attention_sower(attention)):
+                out, state = self.static.unet.apply(variables, sample, t, emb, mutable=["intermediates"])
         maps = {}
         for path, leaf in flax.traverse_util.flatten_dict(flax.core.unfreeze(state["intermediates"])).items():
             maps["/".join(path[:-1])] = leaf[0] if isinstance(leaf, tuple) else leaf
