@@ -51,8 +51,10 @@ def _mean_over_k(fn, ts, noises, remat: bool):
     def step(acc, tn):
         return acc + body(*tn), None
 
-    first = body(ts[0], noises[0])
-    acc, _ = jax.lax.scan(step, first, (ts[1:], noises[1:]))
+    # One scan over all K from a zero accumulator (0 + f_0 is f_0 exactly): the body is traced and compiled
+    # once, not once more for a peeled first term.
+    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(body, ts[0], noises[0]))
+    acc, _ = jax.lax.scan(step, zero, (ts, noises))
     return acc / ts.shape[0]
 
 
