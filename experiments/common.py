@@ -164,8 +164,8 @@ def write_flagfile(F, path: Path):
 
 def summarize(result, workdir, prefix: str = "") -> int:
     """Print a run's one-line summary and each failed input (stderr); exit code 1 if any input failed."""
-    print(f"{prefix}protected {len(result.done)} image(s), {len(result.failed)} failed, "
-          f"{len(result.skipped)} skipped (already done); outputs in {workdir}")
+    print(f"{prefix}protected {len(result.done)} image(s), {len(result.failed)} failed (in all; "
+          f"{len(result.skipped)} skipped: finished by an earlier run in this workdir); outputs in {workdir}")
     for r in result.rows:
         if r["status"] == "failed":
             print(f"FAILED {r['source']}: {r['error']}", file=sys.stderr)

@@ -52,8 +52,9 @@ def _mean_over_k(fn, ts, noises, remat: bool):
         return acc + body(*tn), None
 
     # One scan over all K from a zero accumulator (0 + f_0 is f_0 exactly): the body is traced and compiled
-    # once, not once more for a peeled first term.
-    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(body, ts[0], noises[0]))
+    # once, not once more for a peeled first term (less compile time and XLA temp memory, same speed:
+    # `python benchmarks/loop_bench.py --k-mean 4`, docs/benchmarks.md).
+    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(body, ts[0], noises[0]))
     acc, _ = jax.lax.scan(step, zero, (ts, noises))
     return acc / ts.shape[0]
 
