@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tdae_jax.models import fastconv, sd3_io
+from tdae_jax.models import fastconv, fastnorm, sd3_io
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +100,7 @@ def moments(vae, info: VAEInfo, params: Any, images: jax.Array) -> tuple[jax.Arr
         h = m.encoder(x, deterministic=True)
         return m.quant_conv(h) if info.use_quant_conv else h
 
-    with fastconv.polyphase_downsampling():  # the downsampling convs' input gradient on CPU (fastconv.py)
+    with fastconv.polyphase_downsampling(), fastnorm.fast_group_norm():  # CPU backward (fast*.py)
         mom = vae.apply({"params": params}, images, method=enc)
     mean, logvar = jnp.split(mom, 2, axis=-1)
     std = jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0))
@@ -114,7 +114,8 @@ def decode_raw(vae, info: VAEInfo, params: Any, latents: jax.Array) -> jax.Array
         h = m.post_quant_conv(z) if info.use_post_quant_conv else z
         return m.decoder(h, deterministic=True)
 
-    return vae.apply({"params": params}, jnp.transpose(latents, (0, 2, 3, 1)), method=dec)
+    with fastnorm.fast_group_norm():  # GroupNorm's backward pass on CPU (fastnorm.py)
+        return vae.apply({"params": params}, jnp.transpose(latents, (0, 2, 3, 1)), method=dec)
 
 
 def normalize(z_raw: jax.Array, info: VAEInfo) -> jax.Array:

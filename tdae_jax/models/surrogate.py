@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tdae_jax.models import fastconv
+from tdae_jax.models import fastconv, fastnorm
 
 IN_CHANNELS = {"sd": 4, "ip2p": 8, "inpaint": 9}
 
@@ -120,7 +120,7 @@ class Surrogate:
     def _moments(self, x: jax.Array):
         """VAE posterior (mean, std) in *unscaled* latent units, NCHW."""
         sample = jnp.transpose(x * 2.0 - 1.0, (0, 3, 1, 2))
-        with fastconv.polyphase_downsampling():  # the downsampling convs' input gradient (fastconv.py)
+        with fastconv.polyphase_downsampling(), fastnorm.fast_group_norm():  # CPU backward (fast*.py)
             dist = self.static.vae.apply({"params": self.params["vae"]}, sample,
                                          method=self.static.vae.encode).latent_dist
         # latents are float32 whatever the VAE computes in (mixed precision: noise and losses stay fp32)
@@ -144,7 +144,8 @@ class Surrogate:
         # NHWC in: FlaxAutoencoderKL.decode only transposes NCHW input when shape[-1] != latent_channels,
         # so an NCHW latent whose width equals the channel count (e.g. [B,4,h,4]) would be misread.
         z = jnp.transpose(z / self.static.scaling_factor, (0, 2, 3, 1))
-        out = self.static.vae.apply({"params": self.params["vae"]}, z, method=self.static.vae.decode).sample
+        with fastnorm.fast_group_norm():  # GroupNorm's backward pass on CPU (fastnorm.py)
+            out = self.static.vae.apply({"params": self.params["vae"]}, z, method=self.static.vae.decode).sample
         return jnp.transpose(out, (0, 2, 3, 1)).astype(jnp.float32) * 0.5 + 0.5
 
     # ------------------------------------------------------------------ diffusion
@@ -197,7 +198,7 @@ class Surrogate:
         # mixed precision: float32 master weights are cast once, so a master and its frozen bf16 copy compute
         # bit-identically (norm layers would otherwise promote to float32 for the master only)
         variables = {"params": cast_floats(self.params["unet"], self.compute_dtype)}
-        with fastconv.polyphase_downsampling():  # the downsampling convs' input gradient on CPU (fastconv.py)
+        with fastconv.polyphase_downsampling(), fastnorm.fast_group_norm():  # CPU backward (fast*.py)
             if attention is None:
                 return self.static.unet.apply(variables, sample, t, emb).sample.astype(jnp.float32)
             with nn.intercept_methods(_attention_sower(attention)):
