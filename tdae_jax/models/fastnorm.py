@@ -87,7 +87,7 @@ def _fwd(x, scale, bias, groups, eps, dtype):
 
 
 def closed_form_vjp(dy, x, scale, bias, mu, r, groups):
-    """(dx, dscale, dbias) of GroupNorm from the forward's statistics: three column sums and one loop."""
+    """(dx, dscale, dbias) of GroupNorm from the forward's statistics: two column sums and one loop."""
     n, c = x.shape[0], x.shape[-1]
     xf = x.reshape(n, -1, c).astype(mu.dtype)
     g = dy.reshape(n, -1, c).astype(mu.dtype)

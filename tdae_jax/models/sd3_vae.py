@@ -100,7 +100,7 @@ def moments(vae, info: VAEInfo, params: Any, images: jax.Array) -> tuple[jax.Arr
         h = m.encoder(x, deterministic=True)
         return m.quant_conv(h) if info.use_quant_conv else h
 
-    with fastconv.polyphase_downsampling(), fastnorm.fast_group_norm():  # CPU backward (fast*.py)
+    with fastconv.polyphase_downsampling(), fastnorm.fast_group_norm():  # CPU backward passes
         mom = vae.apply({"params": params}, images, method=enc)
     mean, logvar = jnp.split(mom, 2, axis=-1)
     std = jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0))

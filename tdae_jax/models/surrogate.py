@@ -120,7 +120,7 @@ class Surrogate:
     def _moments(self, x: jax.Array):
         """VAE posterior (mean, std) in *unscaled* latent units, NCHW."""
         sample = jnp.transpose(x * 2.0 - 1.0, (0, 3, 1, 2))
-        with fastconv.polyphase_downsampling(), fastnorm.fast_group_norm():  # CPU backward (fast*.py)
+        with fastconv.polyphase_downsampling(), fastnorm.fast_group_norm():  # CPU backward passes
             dist = self.static.vae.apply({"params": self.params["vae"]}, sample,
                                          method=self.static.vae.encode).latent_dist
         # latents are float32 whatever the VAE computes in (mixed precision: noise and losses stay fp32)
@@ -198,7 +198,7 @@ class Surrogate:
         # mixed precision: float32 master weights are cast once, so a master and its frozen bf16 copy compute
         # bit-identically (norm layers would otherwise promote to float32 for the master only)
         variables = {"params": cast_floats(self.params["unet"], self.compute_dtype)}
-        with fastconv.polyphase_downsampling(), fastnorm.fast_group_norm():  # CPU backward (fast*.py)
+        with fastconv.polyphase_downsampling(), fastnorm.fast_group_norm():  # CPU backward passes
             if attention is None:
                 return self.static.unet.apply(variables, sample, t, emb).sample.astype(jnp.float32)
             with nn.intercept_methods(_attention_sower(attention)):
