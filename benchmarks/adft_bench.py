@@ -1,5 +1,5 @@
 """ADFT (DLADiff layer 1) vs an ASPL loop: seconds and compiled memory per epoch on the SD-2.1-base architecture
-with random weights (issue 6 item 8). Not a test.
+with random weights. Not a test.
 
     python benchmarks/adft_bench.py --size 256 --batch 1 --iters 1
 

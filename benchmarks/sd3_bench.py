@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""SD3 surrogate step time (issue 8 item 5; not a test: nothing here asserts a time).
+"""SD3 surrogate step time (not a test: nothing here asserts a time).
 
 One TDAE iteration (``defenses.tdae.make_step``, jitted once, params an argument) of a host on the **SD3-medium
-architecture with random weights** (``stable-diffusion-3-medium-diffusers`` transformer and VAE configs, spec
-SD3.md §1: MMDiT 24 layers x 1536, 2.03 B params; 16-channel VAE 128/256/512/512), fp32, batch 1, random text
+architecture with random weights** (``stable-diffusion-3-medium-diffusers`` transformer and VAE configs,
+MMDiT 24 layers x 1536, 2.03 B params; 16-channel VAE 128/256/512/512), fp32, batch 1, random text
 embeddings ``prompt_embeds [1, 333, 4096]`` / pooled ``[1, 2048]`` (the text encoders are never differentiated).
 Hosts: ``pge`` (VAE encoder only) and ``advdm`` (posterior sample -> K transformer calls at K timesteps of the shifted
 training grid, ``objectives/diffusion.py``), variants ``host`` (plain gradient) and ``fd`` (+FDM finite difference:
@@ -30,7 +30,7 @@ for p in (HERE, HERE.parent):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-# stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json and vae/config.json (SD3.md §1, §4).
+# stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json and vae/config.json.
 SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
                   num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
                   pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm=None,

@@ -263,7 +263,9 @@ def make_bench_step(static, host: str, variant: str, *, timesteps=1, denoise_ste
     from tdae_jax.defenses import tdae
     from tdae_jax.models.surrogate import Surrogate
 
-    cfg = configs.Objective(name=host, timesteps=timesteps, denoise_steps=denoise_steps, remat=True)
+    # one pgd pass per gradient at eta 0 (the figures in docs/benchmarks.md; PhotoGuard's default 10 passes cost 10x)
+    cfg = configs.Objective(name=host, timesteps=timesteps, denoise_steps=denoise_steps, remat=True,
+                            pgd_grad_reps=1, pgd_eta=0.0)
     fdm = {"fd": configs.FDM(mode="finite_difference"), "exact": configs.FDM(mode="exact")}.get(variant, configs.FDM())
     tpa = configs.TPA(enabled=True, n=tpa_n) if variant == "tpa" else None
     budget, pgd = configs.Budget(eps=eps), configs.PGD(step_size=alpha)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Where the time of one PhotoGuard encoder step goes, JAX (XLA:CPU) next to PyTorch eager (issue 2 item 8's
+"""Where the time of one PhotoGuard encoder step goes, JAX (XLA:CPU) next to PyTorch eager (the 256 px
 gap). Not a test. Same step and weights as ``step_bench.py encoder``:
 
     python benchmarks/xla_profile.py --size 256

@@ -1,6 +1,6 @@
 """absl flags shared by the experiment entry points, and their conversion to frozen configs.
 
-Only ``experiments/`` imports absl (DESIGN.md). Defaults are the TDAE spec §9 project defaults; each
+Only ``experiments/`` imports absl (docs/design.md). Defaults: XD111ds/TDAE v1 ``tdae.py``, beta 0.3 (TDAE §IV-E); each
 flagfile in ``experiments/flags/`` repeats the values it relies on with their provenance.
 """
 from __future__ import annotations
@@ -36,7 +36,26 @@ DTYPE_HELP = ("Surrogate compute dtype. bfloat16 = mixed precision for GPU/TPU: 
               "sd, ip2p, inpaint. (XLA:CPU computes bf16 convolutions in float32: no gain on CPU.)")
 
 
+def host_help() -> tuple[list[str], str, list[str], str, str]:
+    """(objective names, --objective help, target names, --target help, --defense help), generated from the
+    objectives registry (``tdae_jax.objectives``: NAMES, TARGETS and the uses_text / accepts_target columns), so
+    the names the command documents are the names it accepts. Imports the library (and so jax)."""
+    from tdae_jax import objectives
+
+    names, targets = list(objectives.NAMES), list(objectives.TARGETS)
+    text_free = [n for n in names if not objectives.uses_text(n)]
+    with_target = [n for n in names if objectives.accepts_target(n)]
+    objective = "Host objective: a name of the tdae_jax.objectives registry."  # DEFINE_enum lists the names
+    target = (f"Image target of the hosts that read one ({', '.join(with_target)}); the other hosts have none and "
+              "refuse a non-default value.")
+    defense = ("none = host alone; fdm = host + FDM; dpd = host + DPD; tdae = host + FDM + DPD (Algorithm 1); "
+               f"tpa = host + TPA. dpd and tdae need a host that reads the text (refused for {', '.join(text_free)}: "
+               "use fdm).")
+    return names, objective, targets, target, defense
+
+
 def define_protect_flags():
+    names, objective_help, targets, target_help, defense_help = host_help()
     DEFINE_string, DEFINE_enum, DEFINE_float = (track(flags.DEFINE_string), track(flags.DEFINE_enum),
                                                 track(flags.DEFINE_float))
     DEFINE_integer, DEFINE_bool = track(flags.DEFINE_integer), track(flags.DEFINE_bool)
@@ -45,10 +64,8 @@ def define_protect_flags():
     DEFINE_string("workdir", "runs/default", "Output folder (never an input folder).")
     DEFINE_string("weights_dir", "", "Local diffusers-format model directory; empty = built-in default.")
     DEFINE_enum("surrogate", "ip2p", ["sd", "ip2p", "inpaint", "sd3"], "Surrogate editor family.")
-    DEFINE_string("objective", "pge", "Host objective: pge, pge_untargeted, pgd, advdm, eps_discrepancy, "
-                        "tdae_v1, sds, mist, ace, sa.")
-    DEFINE_enum("defense", "none", ["none", "fdm", "dpd", "tdae", "tpa"],
-                      "none = host alone; fdm = host + FDM; tdae = host + FDM + DPD; tpa = host + TPA.")
+    DEFINE_enum("objective", "pge", names, objective_help)
+    DEFINE_enum("defense", "none", ["none", "fdm", "dpd", "tdae", "tpa"], defense_help)
     DEFINE_float("eps", 0.03, "L_inf budget as a fraction of the [0,1] range (TDAE §9: 0.03).")
     DEFINE_float("step_size", 0.005, "PGD step alpha in [0,1] units (TDAE §9: 0.005).")
     DEFINE_integer("steps", 100, "PGD iterations N (TDAE §9: 100).")
@@ -88,17 +105,41 @@ def define_protect_flags():
     DEFINE_float("guidance_scale", 7.5, "CFG scale inside differentiable edits.")
     DEFINE_float("image_guidance_scale", 1.5, "InstructPix2Pix image guidance.")
     DEFINE_float("mist_weight", 1e4, "Mist semantic weight (mist_v3.py: 1e4).")
-    DEFINE_string("target", "zero", "Targeted objectives: zero | gray | black.")
+    DEFINE_bool("mist_separate_draws", True, "Mist: the textural and the semantic term encode x with independent "
+                "VAE posterior draws (mist_v3.py: yes); false = one shared draw.")
+    DEFINE_enum("target", "zero", targets, target_help)
     DEFINE_bool("remat", True, "jax.checkpoint the per-timestep UNet calls.")
+    # PhotoGuard diffusion attack (objective pgd; objectives/photoguard.py); defaults = MadryLab/photoguard's
+    # demo_complex_attack_inpainting notebook (its executed super_l2 call: grad_reps=10, eta=1)
+    DEFINE_integer("pgd_grad_reps", 10, "pgd: the loss (so the gradient) is averaged over R independent stochastic "
+                   "passes (PhotoGuard super_l2: grad_reps=10).")
+    DEFINE_float("pgd_eta", 1.0, "pgd: DDIM eta of the unrolled chain (PhotoGuard's attack: 1; the diffusers "
+                 "pipelines' default: 0). Not for --surrogate=sd3 (its flow-matching Euler chain has no eta).")
+    DEFINE_float("pgd_strength", -1.0, "pgd: img2img strength of the unrolled chain; <0 = the victim editor's "
+                 "default (sd img2img 0.8, inpaint 1.0, sd3 0.6). InstructPix2Pix edits from pure noise.")
+    # Semantic Attack (objectives/semantic_attention.py; lists = its MASKS / TIMESTEPS, not imported: no jax here)
+    track(flags.DEFINE_list)("sa_tokens", [], "SA: words of the prompt whose cross-attention is suppressed (comma "
+                             "separated; a word may span several tokens); empty = every content token.")
+    DEFINE_enum("sa_mask", "attention", ["attention", "region", "none"],
+                "SA spatial mask: attention = Lo et al. Eq. 4 (clean image's map > threshold x its max); region = "
+                "the batch's image mask (inpainting region); none = every query.")
+    DEFINE_float("sa_mask_threshold", 0.5, "SA: tau of Eq. 4, a fraction of the map's maximum, in (0, 1).")
+    DEFINE_enum("sa_timesteps", "grid", ["grid", "random"],
+                "SA timesteps: grid = the --timesteps-step DDIM grid (901, 801, ..., 1 for 10); random = uniform "
+                "draws per iteration.")
     # FDM / TPA / DPD
     DEFINE_enum("fdm_mode", "finite_difference", ["finite_difference", "exact", "exact_gog"],
                       "FDM gradient: paper Eq. 6-9, forward-over-reverse HVP, or grad-of-grad.")
     DEFINE_float("fdm_beta", 0.3, "lambda/h (TDAE §IV-E: 0.3).")
     DEFINE_float("fdm_h", 0.05, "FDM L2 probe radius h (TDAE v1: 0.05).")
     DEFINE_integer("tpa_n", 10, "TPA neighbours N (TPA: 10).")
-    DEFINE_float("tpa_b", -1.0, "TPA neighbourhood half-width b; <0 = eps (TDAE spec §5).")
+    DEFINE_float("tpa_b", -1.0, "TPA neighbourhood half-width b; <0 = eps (project default).")
     DEFINE_float("tpa_k", 0.05, "TPA finite-difference step k (= h).")
     DEFINE_float("tpa_beta", 0.3, "TPA lambda/k.")
+    DEFINE_enum("tpa_estimator", "paper", ["paper", "official"],
+                "TPA gradient estimate: paper = TPA Eq. 10 (the form TDAE states); official = the authors' code "
+                "(fmy266/TPA TAEFEP): sign probes of L_inf step --tpa_k, 0.2*grad + 0.8*mean probe gradient, "
+                "momentum 0.9 on the signed step (pass a --tpa_k below --eps).")
     DEFINE_integer("dpd_period", 10, "DPD period S (project default 10).")
     DEFINE_integer("dpd_steps", 20, "DPD inner steps M (TDAE v1: 20).")
     DEFINE_float("dpd_step_size", 2.0 / 255.0, "DPD text step eta (TDAE v1: 2/255).")
@@ -109,6 +150,23 @@ def define_protect_flags():
     DEFINE_string("eot", "", "EOT transforms averaged in the objective: jpeg<q>, resize<f>, blur<sigma>, noise<s/255>, "
                   "identity (e.g. jpeg75,resize0.5,blur1,noise4); empty = off.")
     DEFINE_integer("eot_samples", 1, "EOT draws per transform (cost: transforms x samples objective evaluations).")
+
+
+def pgd_options(F) -> dict:
+    """The PhotoGuard diffusion attack's ``Objective`` fields; a setting that cannot apply is a usage error
+    (``ValueError``: the experiment exits 2 with its message)."""
+    strength = None if F.pgd_strength < 0 else F.pgd_strength
+    if F.pgd_grad_reps < 1:
+        raise ValueError(f"--pgd_grad_reps must be >= 1, got {F.pgd_grad_reps}")
+    if F.pgd_eta < 0:
+        raise ValueError(f"--pgd_eta must be >= 0, got {F.pgd_eta}")
+    if strength is not None and strength > 1:
+        raise ValueError(f"--pgd_strength must be in [0, 1] (or < 0 for the editor's default), got {strength}")
+    if F.objective == "pgd" and F.surrogate == "ip2p" and strength not in (None, 1.0):
+        raise ValueError("--pgd_strength: InstructPix2Pix edits from pure noise (no img2img strength)")
+    if F.objective == "pgd" and F.surrogate == "sd3" and F["pgd_eta"].present:
+        raise ValueError("--pgd_eta: the SD3 attack unrolls a flow-matching Euler chain, which has no DDIM eta")
+    return {"pgd_grad_reps": F.pgd_grad_reps, "pgd_eta": F.pgd_eta, "pgd_strength": strength}
 
 
 def run_config_from_flags(F):
@@ -128,11 +186,15 @@ def run_config_from_flags(F):
         defense=F.defense,
         objective=configs.Objective(name=F.objective, timesteps=F.timesteps, denoise_steps=F.denoise_steps,
                                     guidance_scale=F.guidance_scale, image_guidance_scale=F.image_guidance_scale,
-                                    mist_weight=F.mist_weight, target=F.target, remat=F.remat),
+                                    mist_weight=F.mist_weight, mist_separate_draws=F.mist_separate_draws,
+                                    target=F.target, remat=F.remat, sa_tokens=tuple(F.sa_tokens),
+                                    sa_mask=F.sa_mask, sa_mask_threshold=F.sa_mask_threshold,
+                                    sa_timesteps=F.sa_timesteps, **pgd_options(F)),
         budget=configs.Budget(eps=F.eps),
         pgd=configs.PGD(step_size=F.step_size, steps=F.steps, step_decay=F.step_decay, random_start=F.random_start),
         fdm=configs.FDM(mode=F.fdm_mode, beta=F.fdm_beta, h=F.fdm_h),
-        tpa=configs.TPA(n=F.tpa_n, b=None if F.tpa_b < 0 else F.tpa_b, k=F.tpa_k, beta=F.tpa_beta),
+        tpa=configs.TPA(n=F.tpa_n, b=None if F.tpa_b < 0 else F.tpa_b, k=F.tpa_k, beta=F.tpa_beta,
+                        estimator=F.tpa_estimator),
         dpd=configs.DPD(period=F.dpd_period, steps=F.dpd_steps, step_size=F.dpd_step_size, eps=F.dpd_eps,
                         eps_t5=None if F.dpd_eps_t5 < 0 else F.dpd_eps_t5),
         batch_size=F.batch_size, seed=F.seed, size=None if F.resize == "none" else F.size, resize=F.resize,

@@ -1,5 +1,5 @@
 r"""Evaluate protections: edit the clean original and the protected image with each victim editor (same
-seed, noise and prompt), under each purification, and compare (spec TDAE.md §11; PEERS.md §4).
+seed, noise and prompt), under each purification, and compare (TDAE §IV-A metrics).
 
     python -m experiments.evaluate --flagfile=experiments/flags/evaluate_quickstart.flags
     python -m experiments.evaluate --runs=runs/a,runs/b --outdir=runs/eval_ab \
@@ -41,8 +41,8 @@ _define("string", "runs", "", "Comma-separated protect workdirs (each with confi
 _define("string", "victims", "", "Comma-separated NAME:FAMILY:SOURCE[|key=value...] (see the module docstring).")
 _define("string", "outdir", "", "Output folder; empty = <run>/eval when --runs names one run.")
 _define("string", "purify", "none", "Purifiers: none, jpeg<q>, resize<f>, blur<sigma>, noise<s/255>, diffpure<t>, "
-        "noisyup<t> (PEERS.md §4); the worst case is taken over this set.")
-_define("string", "seeds", "0,1,2", "Edit seeds (spec TDAE.md §11 project default: 3 seeds).")
+        "noisyup<t> (tdae_jax/purify.py); the worst case is taken over this set.")
+_define("string", "seeds", "0,1,2", "Edit seeds (project default: 3 seeds; the paper states none).")
 _define("integer", "edit_steps", 0, "Victim inference steps; 0 = the pipeline default (img2img/inpaint/sd3 50, ip2p 100).")
 _define("float", "edit_strength", -1.0, "img2img / inpaint / sd3 strength; <0 = pipeline default (0.8 / 1.0 / 0.6).")
 _define("float", "edit_guidance", -1.0, "Text guidance scale; <0 = the pipeline default (7.5; SD3 7.0).")
@@ -52,7 +52,7 @@ _define("float", "edit_eta", 0.0, "DDIM eta.")
 _define("string", "edit_prompt", "", "Edit text for every image; empty = each run's prompts / default prompt.")
 _define("string", "lpips_weights", "",
         "Comma-separated local LPIPS weight files (.safetensors/.npz); empty = no LPIPS.")
-_define("string", "lpips_net", "alex", "LPIPS trunk: alex (spec §11) or vgg.")
+_define("string", "lpips_net", "alex", "LPIPS trunk: alex (the lpips package default) or vgg.")
 _define("string", "clip_weights", "",
         "Local transformers CLIPModel directory (config.json + model.safetensors, tokenizer files): adds the CLIP "
         "image similarity (clip_img) and direction similarity (clip_dir) columns; tiny = random (plumbing); "

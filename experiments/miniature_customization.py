@@ -1,4 +1,4 @@
-r"""Does DLADiff layer 1 stop DreamBooth from learning a subject? Measured on the miniature world (issue 6 item 7).
+r"""Does DLADiff layer 1 stop DreamBooth from learning a subject? Measured on the miniature world.
 
     python -m experiments.miniature_customization --out=docs/miniature_customization.md
 

@@ -2,7 +2,7 @@ r"""Protect images against diffusion-based editing (TDAE and its hosts/baselines
 
     python -m experiments.tdae --flagfile=experiments/flags/quickstart.flags
     python -m experiments.tdae --images=photos/ --workdir=runs/x --weights_dir=/models/ip2p \
-        --surrogate=ip2p --objective=pge --defense=tdae --eps=0.03 --steps=100
+        --surrogate=ip2p --objective=pgd --defense=tdae --eps=0.03 --steps=100
 
 Exit code: 0 every input protected, 1 some inputs failed (the others are done), 2 usage error.
 Re-running the same command with the same --workdir resumes (done images are skipped; an interrupted

@@ -1,4 +1,4 @@
-r"""Train one of the miniature models that ship with the package (issue 4; docs/miniature.md).
+r"""Train one of the miniature models that ship with the package (docs/miniature.md).
 
     python -m experiments.train_miniature --flagfile=experiments/flags/miniature_vae_a.flags
     python -m experiments.train_miniature --flagfile=experiments/flags/miniature_ip2p_a.flags

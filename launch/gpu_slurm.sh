@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One process per GPU node under SLURM; the coordinator is the first node of the allocation.
-#   sbatch -N 4 --gpus-per-node=8 launch/gpu_slurm.sh --flagfile=experiments/flags/ip2p_pge_tdae.flags \
+#   sbatch -N 4 --gpus-per-node=8 launch/gpu_slurm.sh --flagfile=experiments/flags/ip2p_pgd_tdae.flags \
 #       --images=/data/photos --weights_dir=/models/ip2p --workdir=/shared/runs/x
 # Prerequisite: pip install -e ".[gpu]" in the job's environment; the workdir on a shared filesystem.
 #SBATCH --ntasks-per-node=1

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The same command on every worker of a TPU VM pod slice; JAX detects the pod (--multihost=auto).
-#   launch/tpu_pod.sh my-tpu us-central2-b --flagfile=experiments/flags/ip2p_pge_tdae.flags \
+#   launch/tpu_pod.sh my-tpu us-central2-b --flagfile=experiments/flags/ip2p_pgd_tdae.flags \
 #       --images=/mnt/data/photos --weights_dir=/mnt/models/ip2p --workdir=/mnt/runs/x
 # Prerequisites: the repo checked out at the same path on every worker (or a shared disk), and
 #   pip install -e ".[tpu]" run once on all workers (use --command with --worker=all as below).

@@ -1,6 +1,6 @@
 """Expectation over Transformation (Athalye, Engstrom, Ilyas & Kwok, ICML 2018, "Synthesizing Robust
 Adversarial Examples", §2, Eq. 1): optimize the protection against the *transformed* image, averaged
-over a set of transforms, so it survives the purifications of PEERS.md §4 (MetaCloak and EditShield do
+over a set of transforms, so it survives purification (``tdae_jax.purify``; MetaCloak and EditShield do
 the same with blur / flip / resize).
 
 Differentiable transforms (all ``x: [B,H,W,3] float32 in [0,1] -> [B,H,W,3] in [0,1]``, ``keys: [B]``):
@@ -23,7 +23,7 @@ Names take their parameter as a suffix (``jpeg50``, ``resize0.25``, ``blur1.5``,
 name uses the default. ``wrap_objective(loss_fn, transforms, n_samples)`` returns
 ``loss_fn'(delta, batch, emb, keys) = mean_{T, s} loss_fn(T(x0 + delta; k_{T,s}) - x0, batch, emb, k'_s)``:
 the reference image ``batch["x0"]`` stays clean (the victim edits the transformed protected image and is
-compared with the edit of the clean one, spec TDAE.md §11); ``k_{T,s} = fold_in(fold_in(keys, 0xE07),
+compared with the edit of the clean one, TDAE §IV-A); ``k_{T,s} = fold_in(fold_in(keys, 0xE07),
 T*1000 + s)`` drives the transform's randomness, and the objective's own keys are ``keys`` for the first
 sample and ``fold_in(keys, 0xE08 + s)`` for the others, so two calls with the same keys (FDM's g1 and g2)
 see the same transforms. Cost: ``len(transforms) * n_samples`` objective evaluations per call.

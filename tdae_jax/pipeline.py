@@ -1,6 +1,6 @@
 """Protect a folder of images: the library side of ``python -m experiments.tdae``.
 
-Data flow (DESIGN.md): list + validate inputs -> manifest (resumable) -> surrogate -> objective ->
+Data flow (docs/design.md): list + validate inputs -> manifest (resumable) -> surrogate -> objective ->
 defense step (compiled once, sharded) -> budget-exact PNGs -> metrics.jsonl/csv -> report.html.
 
 Failure policy: an input that cannot be read or optimised is marked ``failed`` with a message naming
@@ -92,6 +92,60 @@ class RunConfig:
         return fdm, tpa, dpd
 
 
+def validate(cfg: RunConfig) -> None:
+    """Every usage error of the flags themselves, before anything is read or written (pure).
+
+    Refused (exit 2): an unknown defense or host; SA on SD3; a bad ``--sa_*`` value or one set for another host;
+    DPD (``--defense=dpd|tdae``) with a host that ignores the text condition (the PhotoGuard encoder attacks:
+    DPD's text gradient is 0, so PGE + TDAE would silently be PGE + FDM); a non-default ``--target`` for a host
+    that has no image target, or an unknown one; FDM's finite difference on a bfloat16 surrogate (the probe is
+    below bf16 resolution: defenses/fdm.py, "Precision").
+    """
+    fdm, _, dpd = cfg.defense_configs()
+    name, target = cfg.objective.name, cfg.objective.target
+    if name not in objectives.NAMES:
+        raise UsageError(f"--objective must be one of {', '.join(objectives.NAMES)}, got {name!r}")
+    if cfg.surrogate == "sd3" and name == "sa":
+        raise UsageError("objective 'sa' is not applicable to an SD3 surrogate: SD3 (MMDiT) has one joint "
+                         "image+text attention and no UNet cross-attention maps (TDAE runs SA on SD3 only as a "
+                         "transfer target)")
+    try:  # a bad --sa_* value, or an --sa_* flag set for another host
+        objectives.semantic_attention.check_config(cfg.objective)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    if dpd.enabled and not objectives.uses_text(name):
+        raise UsageError(f"--defense={cfg.defense}: objective {name!r} does not use the text condition, so DPD has "
+                         f"no text to act on (it would be a no-op); use --defense=fdm"
+                         + (" (FDM alone: PGE + TDAE is not runnable)" if cfg.defense == "tdae" else ""))
+    with_target = [n for n in objectives.NAMES if objectives.accepts_target(n)]
+    if objectives.accepts_target(name) and target not in objectives.TARGETS:
+        raise UsageError(f"--target must be one of {', '.join(objectives.TARGETS)}, got {target!r}")
+    if not objectives.accepts_target(name) and target != configs.Objective().target:
+        raise UsageError(f"--target={target}: objective {name!r} has no image target and would ignore it "
+                         f"(--target is read by {', '.join(with_target)} only)")
+    if name != "mist" and cfg.objective.mist_separate_draws != configs.Objective().mist_separate_draws:
+        raise UsageError(f"--mist_separate_draws is read by objective 'mist' only; objective {name!r} would ignore it")
+    if cfg.dtype != "float32" and fdm.mode == "finite_difference":
+        side = cfg.size or 512
+        raise UsageError(f"--dtype={cfg.dtype} with FDM's finite difference (--defense={cfg.defense}): the probe "
+                         f"h*s, about {fdm.h / np.sqrt(3 * side * side):.1g} per pixel at {side} px, is below "
+                         f"{cfg.dtype} resolution in the surrogate, so g2 - g1 is rounding noise; use "
+                         f"--fdm_mode=exact or --dtype=float32")
+
+
+def effective(cfg: RunConfig) -> RunConfig:
+    """``cfg`` as it runs: FDM / TPA / DPD as ``--defense`` selects them, the random start of the hosts with a
+    zero gradient at delta = 0, and ``objective.target = None`` for hosts that read no target."""
+    fdm, tpa, dpd = cfg.defense_configs()
+    pgd = cfg.pgd
+    if objectives.needs_random_start(cfg.objective.name) and pgd.random_start == 0:
+        pgd = dataclasses.replace(pgd, random_start=0.25)
+    obj = cfg.objective
+    if not objectives.accepts_target(obj.name):
+        obj = dataclasses.replace(obj, target=None)
+    return dataclasses.replace(cfg, fdm=fdm, tpa=tpa, dpd=dpd, pgd=pgd, objective=obj)
+
+
 @dataclasses.dataclass
 class RunResult:
     done: list[str]
@@ -159,6 +213,8 @@ def _prompt_for(entry: dict | None, family: str, default: str) -> str:
 
 
 def run(cfg: RunConfig, progress: Callable[[str], None] = log.info) -> RunResult:
+    validate(cfg)  # flag errors first: nothing is read or written before them
+    ran = effective(cfg)  # what runs (written to config.json and report.html)
     workdir = Path(cfg.workdir).expanduser().resolve()  # relative --workdir: relative to the current directory
     try:
         paths = dio.list_images(cfg.images)
@@ -174,16 +230,7 @@ def run(cfg: RunConfig, progress: Callable[[str], None] = log.info) -> RunResult
             prompts, prompt_problems = dio.load_prompts(cfg.prompts, image_paths=paths)
         except (dio.DataError, OSError) as e:
             raise UsageError(str(e)) from e
-    fdm, tpa, dpd = cfg.defense_configs()
-    if cfg.surrogate == "sd3" and cfg.objective.name == "sa":
-        raise UsageError("objective 'sa' is not applicable to an SD3 surrogate: SD3 (MMDiT) has one joint "
-                         "image+text attention and no UNet cross-attention maps (TDAE runs SA on SD3 only as a "
-                         "transfer target)")
-    if dpd.enabled and not objectives.uses_text(cfg.objective.name):
-        # the objective ignores the text embedding, so DPD's text gradient is 0 and the round a no-op
-        log.warning("objective %s does not use the text condition: DPD has no effect, running without it",
-                    cfg.objective.name)
-        dpd = dataclasses.replace(dpd, enabled=False)
+    fdm, tpa, dpd = ran.fdm, ran.tpa, ran.dpd
     try:
         eot_transforms = eot_lib.parse_transforms(cfg.eot)
         if cfg.eot_samples < 1:
@@ -222,9 +269,8 @@ def run(cfg: RunConfig, progress: Callable[[str], None] = log.info) -> RunResult
 
     loss_fn = objectives.make_objective(cfg.objective.name, sur, cfg.objective)
     loss_fn = eot_lib.wrap_objective(loss_fn, eot_transforms, cfg.eot_samples)  # identity when --eot is empty
-    pgd_cfg = cfg.pgd
-    if objectives.needs_random_start(cfg.objective.name) and pgd_cfg.random_start == 0:
-        pgd_cfg = dataclasses.replace(pgd_cfg, random_start=0.25)
+    pgd_cfg = ran.pgd
+    if pgd_cfg.random_start != cfg.pgd.random_start:
         log.info("objective %s has a zero gradient at delta=0: random start U(-eps/4, eps/4)", cfg.objective.name)
     init_fn, step_fn = tdae_defense.make_step(loss_fn, budget=cfg.budget, pgd=pgd_cfg, fdm=fdm, tpa=tpa, dpd=dpd)
     protector = Protector(init_fn, step_fn, mesh, cfg.batch_size)
@@ -279,7 +325,11 @@ def run(cfg: RunConfig, progress: Callable[[str], None] = log.info) -> RunResult
             token_ids = sur.tokenize(texts)
             batch["emb"] = np.asarray(embed(token_ids))
             batch["uncond"] = np.asarray(embed(sur.tokenize([""] * len(texts))))
-            batch["token_mask"] = objectives.semantic_attention.content_token_mask(token_ids, sur.static.tokenizer)
+            batch["token_mask"], missing = objectives.semantic_attention.target_token_mask(
+                token_ids, sur.static.tokenizer, cfg.objective.sa_tokens)
+            for j in [j for j in missing if j < len(ids)]:  # SA: no --sa_tokens word in it: all its tokens
+                log.warning("%s: none of --sa_tokens %s in the prompt %r: SA targets all its tokens",
+                            ids[j], list(cfg.objective.sa_tokens), texts[j])
         unit_ids = ids if proc.count == 1 else sum(multihost.allgather_json(ids, proc), [])
         unit = checkpoint.fingerprint(unit_ids)
         ckpt = checkpoint.UnitCheckpointer(workdir / "ckpt" / unit, cfg.ckpt_every) if cfg.ckpt_every else None
@@ -326,9 +376,9 @@ def run(cfg: RunConfig, progress: Callable[[str], None] = log.info) -> RunResult
     rows = [_row(e) for e in all_entries]
     if proc.is_main:
         report.write_metrics(workdir, rows)
-        _write_flags_summary(workdir, cfg)
+        _write_flags_summary(workdir, ran)
         if cfg.report:
-            _write_report(cfg, workdir, all_entries, curves)
+            _write_report(ran, workdir, all_entries, curves)
     multihost.barrier("tdae_jax/pipeline/done", proc)
     return RunResult(done=[e["id"] for e in all_entries if e["status"] == "done"],
                      failed=[e["id"] for e in all_entries if e["status"] == "failed"],
@@ -415,10 +465,22 @@ def _write_report(cfg, workdir, all_entries, curves):
                 curve = json.loads((workdir / "curves" / f"{e['id']}.json").read_text()).get("loss")
             item["loss_curve"] = curve
         entries.append(item)
-    fdm, tpa, dpd = cfg.defense_configs()
-    summary = {"surrogate": f"{cfg.surrogate} ({cfg.weights_dir or 'built-in'})", "objective": cfg.objective.name,
-               "defense": cfg.defense, "fdm": fdm.mode, "eps": f"{cfg.budget.eps:.4f} ({cfg.budget.eps * 255:.2f}/255)",
-               "eot": eot_lib.describe(eot_lib.parse_transforms(cfg.eot), cfg.eot_samples),
-               "steps": cfg.pgd.steps, "done": sum(e["status"] == "done" for e in all_entries),
+    summary = {**describe(cfg), "done": sum(e["status"] == "done" for e in all_entries),
                "failed": sum(e["status"] == "failed" for e in all_entries)}
     report.write_html(workdir, "tdae_jax protection report", entries, cfg.budget.eps, summary)
+
+
+def describe(ran: RunConfig) -> dict:
+    """The report's summary of what ran (``ran`` = :func:`effective` of the flags): host, target, defense and
+    the state of each of its parts (FDM mode, DPD on/off, TPA on/off), precision, budget, EOT, steps."""
+    fdm, tpa, dpd, pgd = ran.fdm, ran.tpa, ran.dpd, ran.pgd
+    return {"surrogate": f"{ran.surrogate} ({ran.weights_dir or 'built-in'}, {ran.dtype})",
+            "objective": ran.objective.name + (f" (target {ran.objective.target})" if ran.objective.target else ""),
+            "defense": ran.defense,
+            "fdm": fdm.mode if fdm.mode == "off" else f"{fdm.mode} (beta={fdm.beta:g}, h={fdm.h:g})",
+            "dpd": f"on (S={dpd.period}, M={dpd.steps}, eps_p={dpd.eps:.4g})" if dpd.enabled else "off",
+            "tpa": f"on (N={tpa.n}, k={tpa.k:g})" if tpa.enabled else "off",
+            "eps": f"{ran.budget.eps:.4f} ({ran.budget.eps * 255:.2f}/255)",
+            "eot": eot_lib.describe(eot_lib.parse_transforms(ran.eot), ran.eot_samples),
+            "steps": pgd.steps, "random start": f"U(-{pgd.random_start:g} eps, {pgd.random_start:g} eps)"
+            if pgd.random_start else "none"}

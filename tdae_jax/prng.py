@@ -1,7 +1,7 @@
 """Derived PRNG keys: results never depend on batch layout, device count or resumption.
 
 Every random draw of an image's optimisation is keyed by ``fold_in(fold_in(base, image_uid), step)``
-(DESIGN.md, convention 4). ``image_uid`` is a stable 31-bit hash of the image id (its file stem), so
+(docs/design.md, convention 4). ``image_uid`` is a stable 31-bit hash of the image id (its file stem), so
 the same image gets the same noise wherever it lands in a batch, on however many devices.
 """
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""Purification: what an adversary does to a protected image before editing it (PEERS.md §4, "Adaptive
-attacks and purifiers"; the worst-case protocol after BlurGuard, arXiv 2511.00143).
+"""Purification: what an adversary does to a protected image before editing it (adaptive
+attacks and purifiers; the worst-case protocol after BlurGuard, arXiv 2511.00143).
 
 Purifiers, by name (the parameter is a suffix; a bare name takes the default in brackets):
 
 - ``none``: the image as it is (the identity; keep it in the set so the worst case includes "no attack").
 - ``jpeg<q>`` [75]: PIL JPEG encode/decode at quality q (libjpeg-turbo, 4:2:0), on the host
-  (Sandoval-Segura et al., arXiv 2304.02234). PEERS lists q in {90, 75, 50}; the issue asks 95/75/50.
+  (Sandoval-Segura et al., arXiv 2304.02234). Studies use q in {90, 75, 50}; the evaluation flagfiles 95/75/50.
 - ``resize<f>`` [0.5]: PIL bicubic down to ``round(f*side)`` and back up.
 - ``blur<sigma>`` [1]: Gaussian blur (``eot.gaussian_blur``: radius ``int(4 sigma + .5)``, symmetric padding).
 - ``noise<s>`` [4]: additive Gaussian noise with std ``s/255``, seeded per image, clipped

@@ -1,4 +1,4 @@
-"""DPD (TDAE Eq. 11, spec §7): the text-side loss falls, eps_p and the range clamp hold, rounds every S."""
+"""DPD (TDAE §III-D, Eq. 11): the text-side loss falls, eps_p and the range clamp hold, rounds every S."""
 import functools
 
 import jax

@@ -212,3 +212,84 @@ def test_memory_efficient_attention_and_dtype_flags(tmp_path):
     orig = _rgb(11).astype(np.int16)
     assert np.abs(outs[2] - orig).max() <= 8  # eps = 8/255 exactly on disk
     assert np.mean(np.sign(outs[2] - orig) == np.sign(outs[0] - orig)) >= 0.9  # measured 0.976
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--objective=pge", "--defense=tdae"], ["no text to act on", "--defense=fdm", "PGE + TDAE is not runnable"]),
+    (["--objective=pge_untargeted", "--defense=dpd"], ["no text to act on", "--defense=fdm"]),
+    (["--objective=mist", "--target=gray"], ["--target=gray", "'mist' has no image target", "pge, pgd"]),
+    (["--objective=ace", "--target=black"], ["'ace' has no image target"]),
+    (["--objective=sa", "--target=gray"], ["'sa' has no image target"]),
+    (["--defense=fdm", "--dtype=bfloat16"], ["--dtype=bfloat16", "finite difference", "--fdm_mode=exact"]),
+    (["--defense=tdae", "--objective=advdm", "--dtype=bfloat16"], ["finite difference", "--dtype=float32"]),
+    (["--target=pattern"], ["--target", "zero|gray|black"]),  # not a target of the registry: absl's enum
+    (["--objective=pge_targeted"], ["--objective"]),
+])
+def test_configuration_usage_errors(tmp_path, capsys, args, words):
+    """Flag combinations that would not run what they say: exit 2, one line naming the problem, no traceback,
+    nothing written (the check runs before the inputs are even listed)."""
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(_rgb(0)).save(d / "a.png")
+    work = tmp_path / "w"
+    assert run(FAST + [f"--images={d}", f"--workdir={work}"] + args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert all(w in err[0] for w in words), (err[0], words)
+    assert not work.exists()
+
+
+def test_validate_accepts_what_runs():
+    """The refusals are exactly the dishonest combinations: their neighbours pass (pure check, no run)."""
+    from tdae_jax import configs, objectives, pipeline
+
+    def cfg(name="pge", defense="none", target="zero", dtype="float32", fdm_mode="finite_difference"):
+        return pipeline.RunConfig(images="x", workdir="w", defense=defense, dtype=dtype,
+                                  objective=configs.Objective(name=name, target=target),
+                                  fdm=configs.FDM(mode=fdm_mode))
+
+    for ok in (cfg(defense="fdm"), cfg("pgd", "tdae", "black"), cfg("pge", "none", "gray"),
+               cfg("advdm", "dpd"), cfg(defense="fdm", dtype="bfloat16", fdm_mode="exact"),
+               cfg("mist", "tdae", dtype="bfloat16", fdm_mode="exact_gog"), cfg(dtype="bfloat16")):
+        pipeline.validate(ok)
+    for name in objectives.NAMES:  # the default target is accepted by every host, DPD by every text host
+        pipeline.validate(cfg(name, "tdae" if objectives.uses_text(name) else "fdm"))
+    # library callers bypass the flags' enums: an unknown host or target is refused by validate itself
+    with pytest.raises(pipeline.UsageError, match="--target must be one of zero, gray, black, got 'grey'"):
+        pipeline.validate(cfg("pge", target="grey"))
+    with pytest.raises(pipeline.UsageError, match="--objective must be one of pge, "):
+        pipeline.validate(cfg("pge_targeted"))
+
+
+def test_config_json_and_report_say_what_ran(tmp_path):
+    """config.json is the configuration that ran (``pipeline.effective``), not the flags: FDM off without a flatness
+    defense, DPD on only where it acts, TPA as selected, no target for hosts that read none, the random start of
+    hosts that need one; the report's summary lists the same."""
+    from tdae_jax import configs, pipeline
+
+    def ran(name, defense):
+        return pipeline.effective(pipeline.RunConfig(images="x", workdir="w", defense=defense,
+                                                     objective=configs.Objective(name=name)))
+
+    r = ran("pge", "none")  # the flags' fdm_mode (default finite_difference) does not run without --defense=fdm
+    assert (r.fdm.mode, r.dpd.enabled, r.tpa.enabled, r.objective.target) == ("off", False, False, "zero")
+    r = ran("advdm", "tdae")
+    assert (r.fdm.mode, r.dpd.enabled, r.tpa.enabled, r.objective.target) == ("finite_difference", True, False, None)
+    r = ran("pge_untargeted", "tpa")
+    assert (r.fdm.mode, r.dpd.enabled, r.tpa.enabled, r.pgd.random_start) == ("off", False, True, 0.25)
+    summary = pipeline.describe(ran("mist", "tdae"))
+    assert summary["objective"] == "mist" and summary["dpd"].startswith("on (S=10")
+    assert summary["fdm"].startswith("finite_difference") and summary["tpa"] == "off"
+
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(_rgb(0)).save(d / "a.png")
+    work = tmp_path / "w"
+    assert run(FAST + [f"--images={d}", f"--workdir={work}", "--batch_size=1"]) == 0  # pge, --defense=none
+    written = json.loads((work / "config.json").read_text())
+    assert written["defense"] == "none" and written["fdm"]["mode"] == "off"
+    assert written["dpd"]["enabled"] is False and written["tpa"]["enabled"] is False
+    assert written["objective"]["name"] == "pge" and written["objective"]["target"] == "zero"
+    html = (work / "report.html").read_text()
+    assert "<b>fdm</b>: off" in html and "<b>dpd</b>: off" in html and "<b>tpa</b>: off" in html
+    assert "pge (target zero)" in html

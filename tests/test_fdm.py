@@ -1,4 +1,4 @@
-"""FDM estimators (TDAE Eq. 6-9, spec §6.3-6.4): limits, equivalences, zero-gradient guard, per-image."""
+"""FDM estimators (TDAE Eq. 5-9, and Eq. 5 differentiated): limits, equivalences, zero-gradient guard, per-image."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,7 +100,7 @@ def test_beta_zero_fdm_equals_plain_pgd_exactly():
 
 
 def test_fd_closed_form_and_shared_keys():
-    """g_FDM = (1+beta) g1 - beta g2 when z > 0 (spec §6.2), with g2 at the paper's probe and the SAME keys."""
+    """g_FDM = (1+beta) g1 - beta g2 when z > 0 (Eq. 9), with g2 at the paper's probe and the SAME keys."""
     loss = make_mlp_loss()
     batch = make_batch()
     d, b, e, k = _args(batch, step=3)
@@ -118,8 +118,30 @@ def test_fd_closed_form_and_shared_keys():
     assert not np.allclose(np.asarray(other.direction), np.asarray(out.direction))
 
 
+def test_fd_probe_and_difference_in_float32():
+    """A narrow perturbation cannot round the probe away: ``dir_fd`` holds delta, the probe delta - h*s, both
+    gradients, z and g2 - g1 in float32 (a bf16 delta is promoted exactly), so a bf16 delta gives the float32
+    result bit for bit. The probe here is as small per pixel as h = 0.05 at 512 px; subtracted in bf16 it would
+    leave delta unchanged (the same rounding the pipeline refuses for a bf16 surrogate: ``pipeline.validate``)."""
+    loss = make_mlp_loss()
+    batch = make_batch()
+    h = 0.05 * np.sqrt(HW * HW / (512 * 512))  # per-pixel probe h/sqrt(HWC) of h = 0.05 at 512 px
+    d16 = (0.03 * jnp.sign(jax.random.normal(jax.random.key(5), batch["x0"].shape))).astype(jnp.bfloat16)
+    _, b, e, k = _args(batch)
+    out = fdm.dir_fd(loss, d16, b, e, k, beta=0.015 / h, h=h)
+    ref = fdm.dir_fd(loss, d16.astype(jnp.float32), b, e, k, beta=0.015 / h, h=h)
+    assert out.direction.dtype == out.z.dtype == out.loss.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(out.direction), np.asarray(ref.direction))
+    np.testing.assert_array_equal(np.asarray(out.z), np.asarray(ref.z))
+    assert bool(jnp.all(ref.z != 0)) and bool(jnp.all(jnp.isfinite(ref.direction)))  # the probe moved the loss
+    # ... whereas a bf16 surrogate casts its input x0 + delta - h*s to bf16, which mostly undoes the probe
+    x = b["x0"] + d16.astype(jnp.float32)
+    probe_seen = (x - h * fdm.unit(ref.direction)).astype(jnp.bfloat16) != x.astype(jnp.bfloat16)
+    assert np.mean(np.asarray(probe_seen)) < 0.1
+
+
 def test_zero_gradient_guard():
-    """At a stationary point (spec §6.4) every mode returns a zero direction, no NaN, grad_norm == 0."""
+    """At a stationary point every mode returns a zero direction, no NaN, grad_norm == 0."""
 
     def flat_at_zero(delta, batch, emb, keys):
         return jnp.sum(delta**2, axis=(1, 2, 3)) * 1.0

@@ -1,5 +1,5 @@
 """SIGKILL at random points, then the same command again: exactly the outputs of an uninterrupted run,
-no image lost or duplicated, no partial file left (issue 7 item 3)."""
+no image lost or duplicated, no partial file left."""
 import csv
 import os
 import random

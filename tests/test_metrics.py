@@ -1,7 +1,7 @@
-"""tdae_jax.metrics.image against reference implementations (spec TDAE.md §11).
+"""tdae_jax.metrics.image against reference implementations (the metrics of TDAE §IV-A).
 
-- PSNR, SSIM: scikit-image (the spec's reference).
-- VIFp, FSIMc: the spec's reference is ``piq`` 0.8.0, but piq declares a hard dependency on torchvision,
+- PSNR, SSIM: scikit-image (the reference).
+- VIFp, FSIMc: the reference is ``piq`` 0.8.0, but piq declares a hard dependency on torchvision,
   which cannot be installed beside torch 2.13.0 from PyPI. So ``_ref_vifp`` / ``_ref_fsim`` below are
   line-by-line transcriptions of piq 0.8.0's ``vif_p`` and ``fsim`` (Apache-2.0; which follow the
   authors' MATLAB releases), evaluated in torch float64. (Checked during development against piq's own

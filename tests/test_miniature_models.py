@@ -1,4 +1,4 @@
-"""The shipped miniature models (issue 4; docs/miniature.md): each loads with ``tdae_jax.models.load`` (the
+"""The shipped miniature models (docs/miniature.md): each loads with ``tdae_jax.models.load`` (the
 autoencoders with ``sd.load_vae``), the shipped InstructPix2Pix editors carry out held-out recolour/remove edits,
 and the text-to-image models draw their captions and keep the layout in img2img, scored by the oracle. Thresholds sit below the measured rates in docs/miniature.md (16 pairs: +-12 points)."""
 import numpy as np

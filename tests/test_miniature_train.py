@@ -1,4 +1,4 @@
-"""Trainers of the miniature models (issue 4): a few steps of each on tiny configs, finite losses, a
+"""Trainers of the miniature models: a few steps of each on tiny configs, finite losses, a
 checkpoint that round-trips (a resumed run continues from the saved state), the tokenizer, the sampler."""
 import jax
 import jax.numpy as jnp

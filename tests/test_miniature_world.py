@@ -1,4 +1,4 @@
-"""The miniature world (scenes, captions, edits, subjects) and its oracle (issue 4). numpy only, fast."""
+"""The miniature world (scenes, captions, edits, subjects) and its oracle. numpy only, fast."""
 import dataclasses
 
 import numpy as np

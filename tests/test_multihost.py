@@ -1,5 +1,5 @@
 """Two processes x 2 forced CPU devices (gloo collectives on loopback) == one process x 4 devices:
-byte-identical protected images and identical metrics (issue 7 item 1)."""
+byte-identical protected images and identical metrics."""
 import csv
 import os
 import socket

@@ -42,7 +42,7 @@ CASES = [(h, "ip2p") for h in HOSTS] + [("pgd", "sd"), ("advdm", "sd")]
 @pytest.mark.parametrize("host,family", CASES)
 def test_objective_falls_under_pgd(host, family):
     sur, batch = _world(family)
-    cfg = configs.Objective(name=host, timesteps=2, denoise_steps=2)
+    cfg = configs.Objective(name=host, timesteps=2, denoise_steps=2, pgd_grad_reps=2)  # 2 passes: reps averaged
     stochastic = objectives.make_objective(host, sur, cfg)
     # One fixed (t, eps) draw: the objective becomes a deterministic function of delta, so "it falls" is a
     # property of the optimiser's direction (a sign error would make it rise), not of Monte-Carlo luck.
@@ -81,3 +81,24 @@ def test_sa_attention_maps_are_probabilities(world):
 def test_unknown_objective_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown objective"):
         objectives.make_objective("nope", None)
+
+
+def test_sds_plus_is_sds_minus_negated_on_the_same_draws(world):
+    """Diff-Protect (``attacks.py`` ``Linf_PGD.pgd_sds``) steps x along J_E^T (eps_theta - eps) for g_mode "+" and
+    against it for "-": as minimized objectives SDS(+) = -SDS(-), value and gradient, on the same draws."""
+    sur, batch = world
+    keys = prng.image_keys(prng.base_key(3), batch["uid"], 0)
+    delta = jnp.asarray(np.random.default_rng(1).uniform(-4, 4, batch["x0"].shape) / 255.0, jnp.float32)
+
+    def value_and_grad(name):
+        f = objectives.make_objective(name, sur, configs.Objective(name=name, timesteps=2))
+        return f(delta, batch, batch["emb"], keys), jax.grad(lambda d: f(d, batch, batch["emb"], keys).sum())(delta)
+
+    fast = {"xla_backend_optimization_level": 0}  # checks values, not speed: compile cheaply
+    (v_plus, g_plus), (v_minus, g_minus) = jax.jit(lambda: (value_and_grad("sds_plus"), value_and_grad("sds")),
+                                                   compiler_options=fast)()
+    for a in (v_plus, g_plus, v_minus, g_minus):
+        assert np.all(np.isfinite(np.asarray(a)))
+    assert np.all(np.linalg.norm(np.asarray(g_minus).reshape(2, -1), axis=1) > 0)  # per image: a real direction
+    np.testing.assert_allclose(np.asarray(v_plus), -np.asarray(v_minus), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(g_plus), -np.asarray(g_minus), rtol=1e-6, atol=1e-12)

@@ -1,6 +1,6 @@
 """The PhotoGuard encoder defense through the compiled, sharded Protector on the tiny surrogate.
 
-Issue 2 item 6: 8 forced CPU devices == 1 device; a batch of 8 == 8 batches of 1; one trace for the
+Checked: 8 forced CPU devices == 1 device; a batch of 8 == 8 batches of 1; one trace for the
 whole run; the budget holds; the loss decreases.
 """
 import chex

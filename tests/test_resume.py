@@ -1,5 +1,5 @@
 """A run interrupted after iteration j and resumed from its orbax checkpoint is bit-identical to an
-uninterrupted run (issue 3 item 6); AdvDM draws (t, eps) from the derived keys every step: keys derive from image id and step, never from call order."""
+uninterrupted run; AdvDM draws (t, eps) from the derived keys every step: keys derive from image id and step, never from call order."""
 import numpy as np
 import pytest
 

@@ -5,8 +5,8 @@
   and T5 with character tokenizers saved as real tokenizer files), the same embeddings and the same injected
   noise (the generator's two draws: posterior sample, then start noise). Metric: max|a - b| / max|b|.
 - The editor is per-image independent and deterministic for a key.
-- ``python -m experiments.tdae --surrogate=sd3`` runs pge and pgd with ``--defense=tdae`` to exit 0 and writes
-  PNGs inside the budget; SA is refused on SD3 (usage error).
+- ``python -m experiments.tdae --surrogate=sd3`` runs pge with ``--defense=fdm`` and pgd with ``--defense=tdae``
+  to exit 0 and writes PNGs inside the budget; SA, and DPD with the text-free pge host, are refused (usage error).
 - DPD with ``eps_t5``: separate L_inf budgets on the CLIP rows [0:77] and T5 rows [77:] of prompt_embeds,
   per-segment range clamp, the CLIP zero padding untouched.
 """
@@ -152,7 +152,7 @@ def test_pgd_objective_unrolls_the_editor(tiny):
     x = jax.random.uniform(jax.random.key(2), (3, 32, 32, 3))
     batch = {"x0": x, **tiny.text_batch(["a cat", "a dog on a hill", "snow"])}
     keys = jax.random.split(jax.random.key(4), 3)
-    cfg = configs.Objective(name="pgd", denoise_steps=4, guidance_scale=7.0)
+    cfg = configs.Objective(name="pgd", denoise_steps=4, guidance_scale=7.0, pgd_grad_reps=1)  # one pass
     loss_fn = photoguard_flow.make_diffusion(tiny, cfg, editor_steps=6)  # 6 steps at strength 0.6: 4 run
     loss = jax.jit(loss_fn, compiler_options=FAST)(jnp.zeros_like(x), batch, batch["emb"], keys)
     shape = (16, 16, 16)  # latents of a 32 px image (tiny VAE: 2x down)
@@ -245,11 +245,11 @@ def _check_outputs(work, max_linf=8):
     return json.loads((work / "curves" / "img.json").read_text())
 
 
-def test_cli_sd3_pge_tdae(images, tmp_path, tiny):
+def test_cli_sd3_pge_fdm(images, tmp_path, tiny):
     work = tmp_path / "pge"
-    assert _run([f"--images={images}", f"--workdir={work}", "--objective=pge", "--defense=tdae"]) == 0
+    assert _run([f"--images={images}", f"--workdir={work}", "--objective=pge", "--defense=fdm"]) == 0
     curves = _check_outputs(work)
-    assert all(v == 0.0 for v in curves["dpd/round"])  # PGE ignores the text: DPD is a no-op and is skipped
+    assert all(v == 0.0 for v in curves["dpd/round"])  # no DPD round ran (PGE + TDAE is refused: see below)
 
 
 def test_cli_sd3_pgd_tdae_with_t5_budget(images, tmp_path, tiny):
@@ -273,7 +273,7 @@ def test_cli_sd3_rejects_sa(images, tmp_path, capsys):
 
 
 def test_cli_sd3_model_parallel(images, tmp_path, tiny):
-    """Issue 8 item 5 through the command: ``--model_parallel=4`` on the 8 forced devices splits the
+    """Model parallelism through the command: ``--model_parallel=4`` on the 8 forced devices splits the
     transformer over a ("data", "model") = (2, 4) mesh and protects the image (that the split run equals the
     replicated one, with the weights kept split inside the compiled step, is
     test_sd3_sharding.py::test_protector_keeps_model_sharding_and_matches_replicated)."""
@@ -290,6 +290,7 @@ def test_cli_sd3_model_parallel(images, tmp_path, tiny):
     (["--model_parallel=3"], "must be >= 1 and divide the 8 devices"),
     (["--memory_efficient_attention"], "implemented for the UNet surrogates"),
     (["--dtype=bfloat16"], "implemented for the UNet surrogates"),
+    (["--objective=pge", "--defense=tdae"], "no text to act on"),
 ])
 def test_cli_model_parallel_usage_errors(images, tmp_path, capsys, args, message):
     work = tmp_path / "bad"

@@ -80,7 +80,7 @@ def test_remat_is_numerically_identical():
 
 
 def test_protector_keeps_model_sharding_and_matches_replicated():
-    """Issue 8 item 5 at the defense level: a surrogate placed with ``SD3.shard`` on a (2, 4) mesh goes
+    """Model parallelism at the defense level: a surrogate placed with ``SD3.shard`` on a (2, 4) mesh goes
     through ``Protector`` with its transformer weights as "model"-split arguments (parallel/hoist.py), and the
     AdvDM defense gives the same perturbation and losses as the replicated 1-D mesh."""
     from tdae_jax import configs, objectives, prng

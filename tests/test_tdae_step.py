@@ -1,4 +1,4 @@
-"""Algorithm 1 step (spec §8): traced once with DPD on, per-image independence, sharded == unsharded."""
+"""TDAE Algorithm 1 step: traced once with DPD on, per-image independence, sharded == unsharded."""
 import chex
 import jax
 import jax.numpy as jnp

@@ -99,7 +99,7 @@ needs_dlib = pytest.mark.skipif(not dlib_face.available(), reason="dlib / face-r
 
 @needs_dlib
 def test_dlib_port_matches_dlib_descriptor(astronaut):
-    """Issue 6 item 4: the Flax port of dlib_face_recognition_resnet_model_v1 vs dlib's own descriptor."""
+    """The Flax port of dlib_face_recognition_resnet_model_v1 vs dlib's own descriptor."""
     import skimage.data
 
     big = skimage.data.astronaut()  # 512 px, as dlib's examples use it

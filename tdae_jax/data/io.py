@@ -1,9 +1,9 @@
 """Image input/output: load and validate, the working-resolution transform, budget-exact PNG output.
 
-DESIGN.md convention 8 ("the budget is exact on disk"): inputs are 8-bit; the final perturbation is
+docs/design.md convention 7 ("the budget is exact on disk"): inputs are 8-bit; the final perturbation is
 snapped to the 1/255 grid *inside* the L_inf budget, so the PNG read back satisfies
 ``max|x' - x| <= eps``; originals are never written; outputs are written atomically.
-TDAE spec §1 (resolution: project default 512x512; perturbation: pixel space, L_inf, images in [0,1]).
+TDAE §III-B (perturbation: pixel space, L_inf, images in [0,1]); resolution not stated: project default 512x512.
 
 Policy decisions (documented here, tested in tests/test_data_io.py):
   * Every input becomes 8-bit RGB. Grayscale, palette, CMYK, 16-bit, float and alpha inputs are

@@ -1,6 +1,6 @@
 """Run bookkeeping: unique image ids, the prompts file, and a resumable per-image manifest.
 
-DESIGN.md convention 10 (every run leaves a workdir) and the resumption guarantee of convention 4
+docs/design.md convention 8 (every run leaves a workdir) and the resumption guarantee of convention 4
 (results never depend on resumption: ids are stable file stems, so keys derived from them are too).
 
 * ``unique_ids``: ids are file stems; collisions (compared case-insensitively, since output files are

@@ -1,4 +1,4 @@
-"""DPD, Dynamic Prompt Defense (TDAE §III-D, Eq. 11-12; spec §7 and Algorithm 1's DPD branch).
+"""DPD, Dynamic Prompt Defense (TDAE §III-D, Eq. 11-12, and Algorithm 1's DPD branch).
 
 Every S outer iterations (n % S == 0, n = 1..N as in Algorithm 1) the image perturbation is frozen,
 the text perturbation is reset to 0 and M sign steps of size eta find a counter-prompt that makes the
@@ -13,7 +13,7 @@ Eq. 5/8 with e = c + dp (Eq. 12); e is kept until the next round (before the fir
 - The update is the image side's sign-descent chain (``pgd.sign_pgd(eta)``) in a ``lax.fori_loop``.
 - Projection after every step: the L_inf ball of radius eps_p, then (``clamp_to_range``, v1's
   ``clamp(c_adv, c.min(), c.max())``) c + dp clamped to [min c, max c], per image over (T, D).
-- SD3 (``DPD.eps_t5`` set; spec §7, SD3.md §4): ``emb`` is ``prompt_embeds`` = [CLIP rows ``:clip_tokens`` |
+- SD3 (``DPD.eps_t5`` set; project default): ``emb`` is ``prompt_embeds`` = [CLIP rows ``:clip_tokens`` |
   T5 rows]. The CLIP rows get eps_p, the T5 rows eps_t5; the range clamp is per segment (the CLIP one over its
   non-padding channels); the CLIP rows' structural zero padding (channels that are 0 on every CLIP row of c,
   2048:4096 in SD3) stays exactly 0. The pooled projection is not a DPD variable (it stays in the batch).

@@ -1,10 +1,10 @@
-"""FDM, the FlatGrad Defense Mechanism (TDAE §III-C, Eq. 5-10; spec §6), as gradient estimators.
+"""FDM, the FlatGrad Defense Mechanism (TDAE §III-C, Eq. 5-10), as gradient estimators.
 
 Sign convention. The paper *maximizes* a disruption loss L and minimizes (Eq. 5)
 
     J(delta) = -L(delta) + lam * ||grad L(delta)||_2 .
 
-tdae_jax objectives are *minimized* (DESIGN.md convention 2): ``O = -L``. Since grad O = -grad L and
+tdae_jax objectives are *minimized* (docs/design.md convention 2): ``O = -L``. Since grad O = -grad L and
 ||grad O|| = ||grad L||, the same J reads
 
     J(delta) = O(delta) + lam * ||grad O(delta)||_2 ,     grad J = grad O + lam * H_O s_O ,
@@ -23,13 +23,22 @@ Modes (``configs.FDM.mode``):
         = grad O1 - beta*sign(z)*(grad O2 - grad O1),      beta = lam/h              (Eq. 9)
   As h -> 0, -(grad O(delta - h s_O) - grad O(delta))/h -> H_O s_O and sign(z) -> +1, so this tends
   to ``exact`` with lam = beta*h. beta = 0 gives plain PGD bit for bit.
-- ``exact`` (spec §6.3, forward-over-reverse): g = grad O and H_O s by one ``jax.linearize`` of the
+- ``exact`` (Eq. 5 differentiated, forward-over-reverse): g = grad O and H_O s by one ``jax.linearize`` of the
   gradient (1 gradient + 1 jvp of it); direction = g + lam*H_O s, s held constant.
 - ``exact_gog`` (reverse-over-reverse, the reference): ``jax.grad`` of O + lam*safe_norm(grad O).
 
 Per-image everything: O returns ``[B]``; per-image gradients are the gradient of the sum (each row of
 the loss depends on its own row only); norms, s, z and sign(z) are per image. lam = ``FDM.lam`` =
 beta*h (0.015 with the §9 defaults). The norm is never differentiated at 0 (:func:`safe_norm`).
+
+Precision. The authors' pseudo-code (XD111ds/TDAE ``tdae.py``, main loop ``TDAE``: ``δv' ← δv + h*s``,
+``z ← L2 - L1``, ``gFDM ← -g1 + (λ/h) sign(z) (g2 - g1)``) states no dtype. Here the perturbation, the probe,
+both gradients, z and the difference g2 - g1 are held in float32 or wider (:func:`dir_fd` promotes a narrower
+delta, loss or gradient), so nothing in this module rounds the probe away. What a loss computes inside is
+the surrogate's business: a bfloat16 surrogate rounds ``x0 + delta - h*s`` to bf16 at its first layer, and at
+512 px the per-pixel probe (h/sqrt(HWC) ~ 6e-5) is ~1/50 of a bf16 step, so g2 - g1 is rounding noise; the
+command therefore refuses ``finite_difference`` with ``--dtype=bfloat16`` (``pipeline.validate``), while
+``exact`` / ``exact_gog`` (derivatives, no difference of nearby values) are accepted.
 """
 from __future__ import annotations
 
@@ -100,6 +109,11 @@ def _nan_like(v: jax.Array) -> jax.Array:
     return jnp.full_like(v, jnp.nan)
 
 
+def at_least_f32(x: jax.Array) -> jax.Array:
+    """``x`` in float32, or unchanged when already float32 or wider (float64 under ``jax_enable_x64``)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def dir_plain(loss_fn: LossFn, delta, batch, emb, keys) -> Estimate:
     """Host gradient grad O (FDM off). 1 gradient."""
     v, g = value_and_grad(loss_fn, batch, emb, keys)(delta)
@@ -109,19 +123,21 @@ def dir_plain(loss_fn: LossFn, delta, batch, emb, keys) -> Estimate:
 def dir_fd(loss_fn: LossFn, delta, batch, emb, keys, *, beta: float, h: float) -> Estimate:
     """Paper Eq. 6-9 (Algorithm 1), per image, in the minimized-O convention (module docstring).
 
-    2 gradients at the same ``keys``: g1 at delta, g2 at the probe delta - h*s_O.
+    2 gradients at the same ``keys``: g1 at delta, g2 at the probe delta - h*s_O. delta, the probe, the
+    losses, the gradients and their difference are at least float32 (module docstring, "Precision").
     """
     vg = value_and_grad(loss_fn, batch, emb, keys)
-    l1, g1 = vg(delta)
+    delta = at_least_f32(delta)
+    l1, g1 = map(at_least_f32, vg(delta))
     s = unit(g1)
-    l2, g2 = vg(delta - h * s)
+    l2, g2 = map(at_least_f32, vg(delta - h * s))
     z = l1 - l2  # = L(probe) - L(delta) with L = -O
     direction = g1 - beta * _bcast(jnp.sign(z), g1) * (g2 - g1)
     return Estimate(direction, l1, jnp.sqrt(sq_norm(g1)), z)
 
 
 def dir_exact_hvp(loss_fn: LossFn, delta, batch, emb, keys, *, lam: float) -> Estimate:
-    """grad O + lam * H_O s with s = grad O/||grad O|| held constant (spec §6.3), forward-over-reverse.
+    """grad O + lam * H_O s with s = grad O/||grad O|| held constant (Eq. 5's gradient), forward-over-reverse.
 
     One ``jax.linearize`` of the per-image gradient: its primal output is (O, grad O) and its linear map
     applied to s gives H_O s (the Hessian of the summed loss is block-diagonal over images).

@@ -1,8 +1,8 @@
-"""Sign-PGD on the image under an L_inf budget (TDAE spec §4, Eq. 1-2; Algorithm 1's update lines).
+"""Sign-PGD on the image under an L_inf budget (TDAE §III-B, Eq. 1-2; Algorithm 1's update lines).
 
     delta <- Pi_{||.||_inf <= eps, x0 + . in [0,1]}(delta - alpha_i * sign(d))
 
-where ``d`` is the gradient (or FDM/TPA direction) of an objective that is **minimized** (DESIGN.md
+where ``d`` is the gradient (or FDM/TPA direction) of an objective that is **minimized** (docs/design.md
 convention 2: every objective returns a value to minimize; the paper's maximized L is -objective).
 
 - :func:`sign_pgd` is the update as an optax chain: ``scale_by_sign`` then scale by ``-alpha_i``. The
@@ -13,7 +13,7 @@ convention 2: every objective returns a value to minimize; the paper's maximized
 - :func:`project` is the budget: the L_inf ball (``optax.projections.projection_linf_ball``) then the
   [0,1] range of ``x0 + delta`` (Algorithm 1, last two lines). It is applied after every update.
 - :class:`ProtectState` is the whole optimisation state of a batch; ``init_state`` builds it, with an
-  optional seeded random start ``U(-r*eps, r*eps)`` keyed by image uid (TDAE spec §6.4 guard 3).
+  optional seeded random start ``U(-r*eps, r*eps)`` keyed by image uid (project guard: grad = 0 at delta = 0).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Algorithm 1 of TDAE (spec §8): one pure, jit-able step = [DPD round every S iterations] + FDM update.
+"""Algorithm 1 of TDAE (appendix): one pure, jit-able step = [DPD round every S iterations] + FDM update.
 
     n = step + 1                                   (Algorithm 1 counts n = 1..N)
     keys = prng.image_keys(base_key, uid, step)    (one key per image; every gradient of the step shares it)
@@ -21,7 +21,7 @@ objective reads.
 ``metrics`` (each ``[B]``, per image):
 
 - ``loss``: objective O (minimized) at the current delta with this step's e, before the update.
-- ``grad_norm``: ||grad O||_2 at the current delta (spec §6.4: exactly 0 means the step cannot move;
+- ``grad_norm``: ||grad O||_2 at the current delta (exactly 0 means the step cannot move, as at delta = 0;
   the caller should fail loudly at iteration 1 unless a random start is used).
 - ``fdm/z``: the paper's z = L(probe) - L(delta) (finite difference; TPA: the mean over neighbours);
   NaN in the modes without a finite difference (off, exact, exact_gog).
@@ -95,12 +95,13 @@ def make_step(
     fdm = fdm or configs.FDM()
     dpd = dpd or configs.DPD()
     estimate = make_estimator(budget=budget, fdm=fdm, tpa=tpa)
-    opt = pgd_lib.optimizer(pgd)
+    opt = tpa_lib.image_optimizer(tpa, pgd)  # pgd.optimizer(pgd), or with the official TPA's momentum trace
     if dpd.enabled and (dpd.period < 1 or dpd.steps < 1):
         raise ValueError(f"DPD needs period >= 1 and steps >= 1, got period={dpd.period}, steps={dpd.steps}")
 
     def init_fn(batch: dict, base_key: jax.Array | None = None) -> ProtectState:
-        return pgd_lib.init_state(batch, budget=budget, pgd=pgd, dpd=dpd, base_key=base_key)
+        state = pgd_lib.init_state(batch, budget=budget, pgd=pgd, dpd=dpd, base_key=base_key)
+        return state._replace(opt_state=opt.init(state.delta))
 
     def step_fn(state: ProtectState, batch: dict, base_key: jax.Array):
         x0 = batch["x0"]

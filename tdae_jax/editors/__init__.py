@@ -1,4 +1,4 @@
-"""The threats, simulated: victim editors as jit-compiled sampling loops (TDAE spec §1, "Threat model").
+"""The threats, simulated: victim editors as jit-compiled sampling loops (TDAE §IV-A, the editors).
 
 Each editor is a pure function ``edit(surrogate, images, emb, uncond_emb, keys, config, mask=None, noise=None)
 -> images [B,H,W,3] in [0,1]`` reproducing a diffusers 0.39.0 pipeline at its defaults:

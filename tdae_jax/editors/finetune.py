@@ -1,6 +1,6 @@
 """Fine-tuning threats: DreamBooth and LoRA on a Surrogate, and DDIM sampling from the result.
 
-- DreamBooth (Ruiz et al. 2023, Eq. 1; DLADiff spec §1.1, Eq. 4): ``E||target - UNet(z_t, t, c)||^2 +
+- DreamBooth (Ruiz et al. 2023, Eq. 1; DLADiff §3.1, Eq. 4): ``E||target - UNet(z_t, t, c)||^2 +
   lambda E||target' - UNet(z'_t, t', c')||^2`` with the prior term optional (``prior_weight``) and the text
   encoder optionally trained. ``target`` is the scheduler's prediction type (eps / v / x0).
 - LoRA (Hu et al. 2022, Eq. 3): for each selected attention projection kernel ``W [in, out]`` (``to_q``,
@@ -39,7 +39,7 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out_0")
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
-    """Attacker / surrogate fine-tuning. Defaults: DLADiff's victim (spec §5.1: batch 4, 400 steps, lr 5e-6)."""
+    """Attacker / surrogate fine-tuning. Defaults: DLADiff's victim (DLADiff §5.1: batch 4, 400 steps, lr 5e-6)."""
 
     method: str = "dreambooth"  # dreambooth | lora
     steps: int = 400

@@ -1,5 +1,5 @@
 """SD3 img2img, the victim editor for an SD3 surrogate: diffusers 0.39.0 ``StableDiffusion3Img2ImgPipeline``
-(spec SD3.md §5 "img2img"; TDAE spec §1, "SD3" editor at the pipeline's standard settings).
+(TDAE §IV-A: the "SD3" editor, at the pipeline's standard settings).
 
 Pipeline defaults (``__call__`` of diffusers 0.39.0): **strength 0.6, 50 steps, guidance 7.0**, negative prompt
 ``""`` (encoded, not zeros), FlowMatchEulerDiscreteScheduler from the model's scheduler config (shift 3.0 for the

@@ -1,10 +1,10 @@
 """Evaluate protections against victim editors: the library side of ``python -m experiments.evaluate``.
 
-Spec TDAE.md §11: protection efficacy compares ``edit(protected)`` with ``edit(clean)`` (PSNR↓ SSIM↓
+TDAE §IV-A: protection efficacy compares ``edit(protected)`` with ``edit(clean)`` (PSNR↓ SSIM↓
 LPIPS↑ VIFp↓ FSIM↓), both edits with the **same** victim, prompt, seed and scheduler noise; the **seed
 floor** compares ``edit(clean; seed a)`` with ``edit(clean; seed b)``; imperceptibility compares the
 protected file with the original (PSNR↑ SSIM↑ LPIPS↓, at the original resolution, as written on disk).
-PEERS.md §4 adds purification: the victim edits ``P(protected)`` for each purifier P (``tdae_jax.purify``),
+Purification is added: the victim edits ``P(protected)`` for each purifier P (``tdae_jax.purify``),
 the per-image worst case over the set, and the purifier's own cost ``edit(P(clean))`` vs ``edit(clean)``.
 
 Inputs are protect workdirs (``manifest.json`` entries with ``status == "done"``, their ``source`` and

@@ -1,4 +1,4 @@
-"""Image metrics of spec TDAE.md §11: PSNR, SSIM, VIFp, FSIM (``image``) and LPIPS (``lpips``).
+"""Image metrics of TDAE §IV-A: PSNR, SSIM, VIFp, FSIM (``image``) and LPIPS (``lpips``).
 
 All take ``a, b: [B, H, W, 3] float32 in [0, 1]`` (``a`` = test image, e.g. edit(protected);
 ``b`` = reference, e.g. edit(clean)) and return one score per image, ``[B]``.

@@ -1,4 +1,4 @@
-"""Identity encoders and identity metrics (DLADiff spec §4.3, §6: ISM, ISM_pro, FDR).
+"""Identity encoders and identity metrics (DLADiff §4.2, §5: ISM, ISM_pro, FDR).
 
 One interface for every face-recognition model the zero-shot layer attacks or the metrics score with:
 

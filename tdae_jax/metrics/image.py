@@ -1,4 +1,4 @@
-"""Full-reference image metrics in JAX: PSNR, SSIM, VIFp, FSIM(c) (spec TDAE.md §11).
+"""Full-reference image metrics in JAX: PSNR, SSIM, VIFp, FSIM(c) (TDAE §IV-A).
 
 Protection efficacy compares ``a = edit(protected)`` (the test image) with ``b = edit(clean)`` (the
 reference); imperceptibility compares ``a = protected`` with ``b = original``. Every function takes
@@ -56,7 +56,7 @@ def psnr(a: jax.Array, b: jax.Array, data_range: float = 1.0, max_db: float | No
 
     Args:
       a, b: ``[B, H, W, 3] float32 in [0, data_range]``.
-      data_range: R (1 for [0, 1] images, spec §11).
+      data_range: R (1 for [0, 1] images).
       max_db: ``None`` (default) keeps ``+inf`` for identical images (MSE = 0), as scikit-image does;
         a number caps the score there (e.g. 100 dB), so averages over a set stay finite.
     Returns:

@@ -1,5 +1,5 @@
 """LPIPS, the learned perceptual image patch similarity (Zhang et al., "The Unreasonable Effectiveness
-of Deep Features as a Perceptual Metric", CVPR 2018), version 0.1, as a Flax network (spec TDAE.md §11).
+of Deep Features as a Perceptual Metric", CVPR 2018), version 0.1, as a Flax network (TDAE §IV-A).
 
 ``d(a, b) = sum_l mean_{h,w} w_l . (f_l(a) - f_l(b))^2`` where ``f_l`` are the trunk's ReLU feature maps
 (AlexNet: relu1..relu5 of torchvision's ``features``; VGG16: relu1_2, relu2_2, relu3_3, relu4_3, relu5_3),

@@ -180,7 +180,7 @@ def eval_matrix_md(rows: Sequence[dict], runs: Sequence[dict], victims: Sequence
     imperceptibility."""
     out = ["# tdae_jax evaluation: surrogate x victim\n",
            "Cells: mean ± std over images x seeds. Protection = edit(protected) vs edit(clean), same victim, "
-           "prompt, seed and noise (spec TDAE.md §11): lower PSNR/SSIM/VIFp/FSIM and higher LPIPS = stronger "
+           "prompt, seed and noise (TDAE §IV-A): lower PSNR/SSIM/VIFp/FSIM and higher LPIPS = stronger "
            "protection. Seed floor = edit(clean; seed a) vs edit(clean; seed b): protection only counts where it "
            "moves the edit further than a change of seed does. n/a = no finite value (metric not computed, or "
            "the images are too small for it).\n",

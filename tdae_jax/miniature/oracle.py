@@ -1,4 +1,4 @@
-"""Oracle for the miniature world: did an editor carry out the instruction? (issue 4)
+"""Oracle for the miniature world: did an editor carry out the instruction? (docs/miniature.md)
 
 The world is procedural, so every edit's exact result is known (``world.Edit``). Success is measured on
 pixels, per instruction type, with a colour classifier that names each pixel by its nearest palette hue, or

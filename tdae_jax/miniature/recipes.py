@@ -1,4 +1,4 @@
-"""End-to-end recipes for the miniature models (issue 4): data -> training -> shipped directory -> oracle score.
+"""End-to-end recipes for the miniature models: data -> training -> shipped directory -> oracle score.
 
 ``run_vae`` trains an AutoencoderKL and writes ``<out>/config.json`` + ``diffusion_pytorch_model.safetensors``
 (diffusers' AutoencoderKL layout; read it back with ``tdae_jax.models.sd.load_vae``). ``run_diffusion`` trains

@@ -1,4 +1,4 @@
-"""Jitted DDIM samplers for the miniature models, and their oracle evaluation (issue 4).
+"""Jitted DDIM samplers for the miniature models, and their oracle evaluation (docs/miniature.md).
 
 DDIM (Song et al. 2021, eq. 12, eta = 0) with "leading" timestep spacing plus ``steps_offset`` as diffusers'
 DDIMScheduler for SD, over any :class:`~tdae_jax.models.Surrogate` (its ``to_x0`` handles every prediction type).

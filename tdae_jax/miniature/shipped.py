@@ -1,4 +1,4 @@
-"""The miniature models that ship with the package (issue 4; docs/miniature.md), by name.
+"""The miniature models that ship with the package (docs/miniature.md), by name.
 
 ``tdae_jax/assets/miniature/<name>/`` holds, per name: autoencoders ``vae_*`` (diffusers AutoencoderKL layout:
 ``config.json`` + ``diffusion_pytorch_model.safetensors``), InstructPix2Pix editors ``ip2p_*`` and text-to-image

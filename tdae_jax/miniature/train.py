@@ -1,4 +1,4 @@
-"""Trainers for the miniature models shipped with the package (issue 4).
+"""Trainers for the miniature models shipped with the package (docs/miniature.md).
 
 Three trainers over the procedural world (``world.py``), all with the same machinery: pure jit-compiled
 train steps (``step(state, batch, key) -> (state, metrics)``, state donated), an optax chain
@@ -14,7 +14,7 @@ checkpoints (``tdae_jax.checkpoint.UnitCheckpointer``) so a killed training resu
 - a text-to-image UNet (4 input channels) on (scene, caption), the victim of img2img / SDEdit.
 
 The diffusion models predict x0 (``prediction_type="sample"``): on 2 CPU cores an epsilon-predicting editor
-did not learn in the budget (shared/notes/miniature-feasibility.md). Batches are drawn by
+did not learn in the budget (docs/miniature.md). Batches are drawn by
 ``numpy.random.default_rng([seed, step])`` and noise by ``fold_in(key, step)``, so a resumed run is the same run.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Vocabulary of the miniature world: every word its captions, instructions and subject prompts can use.
 
 The procedural world (``world.py``) draws all of its text from the constants and templates below, so
-``words()`` is, by construction, the closed word list a small CLIP-style tokenizer needs (issue 4).
+``words()`` is, by construction, the closed word list a small CLIP-style tokenizer needs.
 Text is lower case, words are separated by single spaces, and there is no punctuation.
 """
 from __future__ import annotations

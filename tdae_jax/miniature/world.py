@@ -1,6 +1,6 @@
 """A procedural world for the miniature models: scenes, captions, edits with exact ground truth, subjects.
 
-Issue 4. Scenes are a few flat-coloured objects (shape, colour, size, texture) on a grey background, each
+Scenes are a few flat-coloured objects (shape, colour, size, texture) on a grey background, each
 object in its own cell of a 3x3 grid (with a small jitter), so objects never overlap and stay off the
 borders, and every edit (recolour, reshape, remove, add; also move, resize) is well defined. Because the
 world is procedural, the exact result of every edit is known; ``oracle.py`` scores editors against it.

@@ -7,7 +7,7 @@ Every ResNet block of the SD VAE and UNet starts with ``nn.GroupNorm(32)`` (Wu &
 Flax computes ``mu_g`` and ``var_g`` = E[x^2] - mu_g^2 (``use_fast_variance``) as reductions over the
 (pixels, channels-of-the-group) axes of a ``[n, ..., G, C/G]`` view, and autodiff's backward pass materializes
 ``x - mu``, its products and their group reductions as separate full-size loops. On XLA:CPU that made GroupNorm
-+ SiLU cost 1.4-1.6x PyTorch's kernels over the encoder's 22 norms (docs/benchmarks.md, "Kernel by kernel").
++ SiLU cost 1.4-1.6x PyTorch's kernels over the encoder's 22 norms (docs/benchmarks.md, "PhotoGuard encoder step").
 Here the statistics are per-channel column sums (``sum_p x``, ``sum_p x^2`` over the pixels: a contiguous,
 vectorized reduction) folded into the G groups afterwards, and the input gradient is the closed form
 

@@ -1,4 +1,4 @@
-"""Rectified-flow noise process and the FlowMatchEulerDiscreteScheduler, as pure functions (spec SD3.md §5).
+"""Rectified-flow noise process and the FlowMatchEulerDiscreteScheduler, as pure functions (diffusers 0.39.0).
 
 SD3 (Esser et al. 2024, arXiv 2403.03206, §2 and §5.3.2): ``z_t = (1 - σ) z_0 + σ ε`` with σ ∈ [0, 1]
 (1 = pure noise); the transformer predicts the velocity ``v = ε - z_0`` at timestep ``t = 1000 σ``.

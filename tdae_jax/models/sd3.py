@@ -1,4 +1,4 @@
-"""SD3 / SD3.5 as a surrogate: the same shape of interface as ``models/surrogate.py`` (spec SD3.md).
+"""SD3 / SD3.5 as a surrogate: the same shape of interface as ``models/surrogate.py`` (Esser et al. 2024).
 
 ``SD3`` is a pytree: ``params = {"transformer", "vae"}`` are leaves; the Flax modules, VAE facts,
 scheduler config and the host-side text encoders are static (identity-hashed). Conventions:

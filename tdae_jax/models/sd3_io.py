@@ -1,4 +1,4 @@
-"""Torch-free safetensors reading for the SD3 family (spec SD3.md §6, converter steps 1–2, 4).
+"""Torch-free safetensors reading for the SD3 family (the safetensors format; diffusers SD3 checkpoint layout).
 
 A minimal safetensors parser: an 8-byte little-endian header length, a JSON header
 (``name -> {dtype, shape, data_offsets}``), then the raw bytes. Tensors are returned as numpy

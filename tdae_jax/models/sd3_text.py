@@ -1,5 +1,5 @@
 """SD3 text conditioning: CLIP-L + CLIP-G + T5, assembled as ``StableDiffusion3Pipeline.encode_prompt``
-(spec SD3.md §4 'Encoders'; diffusers 0.39.0 ``pipeline_stable_diffusion_3.py`` L233–530).
+(diffusers 0.39.0 ``pipeline_stable_diffusion_3.py`` L233–530).
 
     hL = CLIP-L.hidden_states[-2] [B,77,768]   hG = CLIP-G.hidden_states[-2] [B,77,1280]
     prompt_embeds = concat([pad_to_4096(concat([hL, hG], -1)), T5(ids)[0] [B,256,4096]], axis=1)  [B,333,4096]

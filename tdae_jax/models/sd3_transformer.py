@@ -1,6 +1,6 @@
 """SD3 / SD3.5 MMDiT (``SD3Transformer2DModel``) in Flax linen, and its torch-free weight converter.
 
-Implements spec SD3.md §2–§3 and §6 (Esser et al. 2024, arXiv 2403.03206, §2 and §5.3.2) with the
+Implements the MMDiT (Esser et al. 2024, arXiv 2403.03206, §2 and §5.3.2) with the
 semantics of diffusers 0.39.0 ``models/transformers/transformer_sd3.py``: patch embedding with the
 center-cropped 2D sin-cos table, timestep + pooled-text embedding, context embedder, joint blocks
 with AdaLayerNormZero (SD3.5 dual-attention blocks: SD35AdaLayerNormZeroX + ``attn2``; optional qk
@@ -250,7 +250,7 @@ def _modulate(xn, shift, scale):
 
 
 class JointTransformerBlock(nn.Module):
-    """diffusers ``JointTransformerBlock`` (spec §3 'Joint block'). Returns ``(c_out | None, x_out)``."""
+    """diffusers ``JointTransformerBlock`` (``attention.py``). Returns ``(c_out | None, x_out)``."""
 
     dim: int
     heads: int
@@ -319,7 +319,7 @@ class SD3Transformer2DModel(nn.Module):
         h, w = hgt // p, wid // p
         if h * p != hgt or w * p != wid:
             raise ValueError(f"latent {hgt}x{wid} is not a multiple of patch_size {p}")
-        # patch embedding + cropped sin-cos table (spec §3)
+        # patch embedding + cropped sin-cos table (diffusers PatchEmbed)
         x = _PatchEmbed(d, p, name="pos_embed", **kw)(jnp.transpose(hidden_states, (0, 2, 3, 1)))
         cols, rows = pos_embed_crop_factors(cfg, h, w)
         cols, rows = cols.astype(np.float32), rows.astype(np.float32)  # diffusers keeps the table in fp32
@@ -379,7 +379,7 @@ def init_shapes(model: SD3Transformer2DModel) -> dict:
 
 
 def convert_state_dict(tensors: dict, where: dict, model: SD3Transformer2DModel, dtype=np.float32) -> dict:
-    """diffusers ``SD3Transformer2DModel`` state dict (numpy) -> Flax params, strictly checked (spec §6).
+    """diffusers ``SD3Transformer2DModel`` state dict (numpy) -> Flax params, strictly checked.
 
     ``pos_embed.pos_embed`` is not a parameter: a sample of its rows is compared with the recomputed
     table (atol: 1e-5, or the dtype's eps for half-precision checkpoints) and it is dropped.

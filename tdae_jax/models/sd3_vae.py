@@ -1,4 +1,4 @@
-"""The 16-channel SD3 VAE on diffusers' ``FlaxAutoencoderKL`` (spec SD3.md §4 'VAE').
+"""The 16-channel SD3 VAE (Esser et al. 2024) on diffusers' ``FlaxAutoencoderKL``.
 
 The SD3 checkpoints have no ``quant_conv`` / ``post_quant_conv`` (``use_quant_conv=false``), but the
 Flax class always builds them. We bypass them instead of loading identity kernels: encode/decode call

@@ -1,9 +1,9 @@
 """Pieces shared by the host objectives: per-image noise draws and the family-aware UNet call.
 
 An objective is ``loss_fn(delta, batch, emb, keys) -> [B]``, the per-image value to **minimize**
-over the image perturbation (DESIGN.md convention 2). TDAE's maximized disruption loss L enters as
-``O = -L`` (spec TDAE.md §3). All randomness comes from ``keys: [B]`` (one typed key per image), so
-two evaluations at different deltas within one FDM iteration share xi (spec §6.3).
+over the image perturbation (docs/design.md convention 2). TDAE's maximized disruption loss L enters as
+``O = -L`` (TDAE Eq. 1 maximizes L). All randomness comes from ``keys: [B]`` (one typed key per image), so
+two evaluations at different deltas within one FDM iteration share xi (the same t, noise and VAE sample).
 
 ``batch`` keys used here: ``x0 [B,H,W,3]`` (clean image), ``uncond [B,T,D]`` (empty-prompt
 embedding, for classifier-free guidance), ``mask [B,H,W,1]`` (inpainting, 1 = region to fill),
@@ -46,12 +46,13 @@ def encode_sample(sur: Surrogate, x: jax.Array, keys: jax.Array) -> jax.Array:
     return (mean + std * noise) * sur.static.scaling_factor
 
 
-def conditioning(sur: Surrogate, x: jax.Array, batch: dict) -> dict:
+def conditioning(sur: Surrogate, x: jax.Array, batch: dict, keys: jax.Array | None = None) -> dict:
     """Family-specific UNet conditioning computed from the (perturbed) image ``x``.
 
     ip2p: ``image_latents = E_mode(x)`` (unscaled, as the pipeline does); inpaint: the mask at latent
-    resolution and the scaled latents of the masked image ``x * (1 - mask)``; sd3: the fixed pooled
-    projections ``batch["pooled"]`` / ``batch["uncond_pooled"]`` (DPD perturbs only ``emb``).
+    resolution and the scaled latents of the masked image, as the inpainting editor computes them
+    (:func:`inpaint_conditioning`; ``keys``: sample them rather than take the posterior mean); sd3: the fixed
+    pooled projections ``batch["pooled"]`` / ``batch["uncond_pooled"]`` (DPD perturbs only ``emb``).
     """
     fam = sur.family
     if fam == "sd":
@@ -63,12 +64,34 @@ def conditioning(sur: Surrogate, x: jax.Array, batch: dict) -> dict:
     if fam == "ip2p":
         return {"image_latents": sur.encode_mode(x)}
     if fam == "inpaint":
-        mask = inpaint_mask(batch, x)
-        masked = sur.encode(x * (1.0 - mask))
-        h, w = masked.shape[-2:]
-        m = jax.image.resize(jnp.transpose(mask, (0, 3, 1, 2)), (x.shape[0], 1, h, w), "nearest")
-        return {"mask": m, "masked_latents": masked}
+        return inpaint_conditioning(sur, x, batch, keys)
     raise ValueError(f"unknown family {fam!r}")
+
+
+MASKED_IMAGE_STREAM = 6  # posterior draw of the masked image's latents (distinct from streams 1-3 and tdae_v1's 5)
+
+
+def inpaint_conditioning(sur: Surrogate, x: jax.Array, batch: dict, keys: jax.Array | None = None) -> dict:
+    """The 9-channel UNet's extra inputs, as the inpainting editor (``editors/inpaint.py``) computes them.
+
+    diffusers' ``StableDiffusionInpaintPipeline`` (and its Flax twin, ``pipeline_flax_stable_diffusion_inpaint``)
+    binarize the mask at 0.5 and mask the image in [-1, 1] (``image * (mask < 0.5)``): the region to repaint
+    becomes 0 in [-1, 1], i.e. mid-gray 0.5 in [0, 1] (not black); the mask goes to latent resolution by
+    ``F.interpolate``'s default nearest rule (source index = destination index x factor). PhotoGuard's
+    ``prepare_mask_and_masked_image`` (MadryLab/photoguard notebooks/utils.py) does the same. ``keys`` None:
+    the masked image's posterior mean; keys ``[B]``: one posterior sample (``latent_dist.sample()``, as the
+    editor and PhotoGuard's ``attack_forward``), from the per-image stream ``MASKED_IMAGE_STREAM``.
+    """
+    from tdae_jax.editors import inpaint as inpaint_editor  # the editor's own mask preparation
+
+    m, mask_lat = inpaint_editor.prepare_mask(inpaint_mask(batch, x), x, sur.downsample)
+    masked_image = jnp.where(m > 0, 0.5, x)
+    if keys is None:
+        masked = sur.encode(masked_image)
+    else:
+        stream = jax.vmap(lambda k: jax.random.fold_in(k, MASKED_IMAGE_STREAM))(keys)
+        masked = encode_sample(sur, masked_image, stream)
+    return {"mask": mask_lat.astype(masked.dtype), "masked_latents": masked}
 
 
 def inpaint_mask(batch: dict, x: jax.Array) -> jax.Array:

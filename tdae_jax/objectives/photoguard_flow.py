@@ -1,7 +1,7 @@
-"""PhotoGuard's diffusion attack (PGD, Salman et al., ICML 2023; TDAE spec §3) on a flow-matching surrogate (SD3).
+"""PhotoGuard's diffusion attack (PGD, Salman et al., ICML 2023; a TDAE host) on a flow-matching surrogate (SD3).
 
 The SD/IP2P version (``photoguard.make_diffusion``) unrolls K DDIM steps of an img2img edit; SD3 is a
-rectified-flow model (spec SD3.md §5), so the unrolled edit here is the victim editor's own chain
+rectified-flow model (Esser et al. 2024, §2), so the unrolled edit here is the victim editor's own chain
 (``editors/sd3_img2img.py`` = ``StableDiffusion3Img2ImgPipeline`` at its defaults: 50 steps, strength 0.6,
 FlowMatchEuler with the model's shift, 3.0), **coarsened to K Euler steps**: the victim's remaining sigmas
 ``σ[t_start:]`` (σ_s = 0.814 down to 0 over 30 steps for the defaults) are sampled at K + 1 evenly spaced
@@ -13,7 +13,10 @@ Chain: start latent ``(1 - σ_s) z_0 + σ_s ε`` from the posterior sample ``z_0
 ``v_u + g (v_c - v_u)`` (negative = the encoded empty prompt, with its own pooled projection), Euler steps
 ``z += (σ_{k+1} - σ_k) v`` at timesteps ``1000 σ_k``; then the VAE decoder. Minimized:
 ``||D(edit_K(x + delta, e)) - y_tgt||_2`` with y_tgt the mid-gray image (0 in [-1, 1]; ``--target``), as the SD
-version. Each step is ``jax.checkpoint``-ed unless ``cfg.remat`` is off (``--remat``).
+version. Each step is ``jax.checkpoint``-ed unless ``cfg.remat`` is off (``--remat``). As the DDIM version, the loss
+is the mean over ``cfg.pgd_grad_reps`` independent passes (PhotoGuard's ``grad_reps``;
+``photoguard.average_over_reps``) and ``cfg.pgd_strength`` (None = 0.6) sets the victim's strength; the Euler
+flow sampler is deterministic, so ``cfg.pgd_eta`` (DDIM's eta) does not apply here.
 
 ``emb`` is SD3's ``prompt_embeds`` (what DPD perturbs); ``batch["pooled"]`` / ``batch["uncond_pooled"]`` stay fixed.
 """
@@ -45,12 +48,15 @@ def schedule(sur, steps: int, strength: float = STRENGTH, editor_steps: int = ED
     return (sig[:-1] * np.float32(sur.num_train_timesteps)).astype(np.float32), sig
 
 
-def make_diffusion(sur, cfg: Objective, strength: float = STRENGTH, editor_steps: int = EDITOR_STEPS):
-    """Returns ``loss_fn(delta, batch, emb, keys) -> [B]`` (minimized); ``cfg.denoise_steps`` = K."""
+def make_diffusion(sur, cfg: Objective, strength: float | None = None, editor_steps: int = EDITOR_STEPS):
+    """Returns ``loss_fn(delta, batch, emb, keys) -> [B]`` (minimized); ``cfg.denoise_steps`` = K; ``strength``
+    None: ``cfg.pgd_strength``, else the pipeline default ``STRENGTH``."""
+    if strength is None:
+        strength = STRENGTH if cfg.pgd_strength is None else cfg.pgd_strength
     ts, sig = schedule(sur, cfg.denoise_steps, strength, editor_steps)
     g = cfg.guidance_scale
 
-    def loss_fn(delta, batch, emb, keys):
+    def one_pass(delta, batch, emb, keys):
         x = batch["x0"] + delta
         cond = common.conditioning(sur, x, batch)
         pooled, u_pooled = cond["pooled"], cond.get("uncond_pooled")
@@ -76,4 +82,4 @@ def make_diffusion(sur, cfg: Objective, strength: float = STRENGTH, editor_steps
         tgt = photoguard._target_image(batch["x0"], "gray" if cfg.target == "zero" else cfg.target)
         return common.safe_l2(y - tgt)
 
-    return loss_fn
+    return photoguard.average_over_reps(one_pass, cfg.pgd_grad_reps, cfg.remat)

@@ -1,5 +1,5 @@
 """Mesh over devices with a batch axis ``"data"`` and, for models too large for one device, a ``"model"``
-axis (DESIGN.md, convention 5).
+axis (docs/design.md, convention 5).
 
 Batches are sharded over ``data``; surrogate params are replicated, or split over ``model`` by the
 surrogate's own rule (``SD3.shard``: Megatron-style attention/FF splits) when ``model_parallel > 1``. ``pad_batch`` pads a batch to

@@ -1,5 +1,5 @@
 """DLADiff (Jia et al. 2025, arXiv 2511.19910): dual-layer defense against fine-tuning and zero-shot
-customization of diffusion models. Spec: ../shared/spec/DLADiff.md; guide: docs/dladiff.md.
+customization of diffusion models (no public code found). Guide and project defaults: docs/dladiff.md.
 
 - ``dsur``: the static surrogate (DreamBooth on clean photos) and the attention loss (Eq. 8);
 - ``adft``: layer 1, the three-stage ADFT epoch (attention ascent, L_cond ascent, UNet_d fine-tuning);

@@ -1,4 +1,4 @@
-"""DLADiff layer 1: ADFT, three stages per epoch (DLADiff spec §3.4, Eq. 9; Algorithm 1 of the appendix).
+"""DLADiff layer 1: ADFT, three stages per epoch (DLADiff §4.1.2, Eq. 9; Algorithm 1 of the appendix).
 
     Stage 1 (iter1 steps): delta <- Pi(delta + s * sign grad_delta L_att(theta_s, theta_d, x, delta))
     Stage 2 (iter2 steps): delta <- Pi(delta + s * sign grad_delta L_cond(theta_d, x + delta))
@@ -9,11 +9,11 @@ Both image stages are *ascent*; as every objective here is minimized, they desce
 :func:`defenses.pgd.project` (L_inf ball, then ``x + delta`` in [0,1]). Stage 3 is
 :func:`editors.finetune.train_step` with ``FinetuneConfig(lr, weight_decay)`` (UNet only; the prior term of
 Eq. 9 is an option, off by default: Alg. 1 uses L_cond). Each stage is one jit-compiled function (module
-level, static config), traced once per shapes; the epoch loop is plain Python (spec §3.5 JAX notes).
+level, static config), traced once per shapes; the epoch loop is plain Python.
 
 Keys: stage 1 and 2 step ``k`` (global PGD counter) of image ``u`` use
 ``fold_in(fold_in(fold_in(base, stage), u), k)``; stage 3 uses ``finetune.draw_keys`` on its own stream.
-Units: all budgets and steps in [0,1] pixel units (spec §5.2): eta_ft = 7/255, sigma_ft = 5e-3.
+Units: budgets and steps in [0,1] pixel units (project reading of DLADiff §5.1): eta_ft = 7/255, sigma_ft = 5e-3.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ STREAMS = ("adft/stage1", "adft/stage2", "adft/stage3")
 
 @dataclasses.dataclass(frozen=True)
 class ADFTConfig:
-    """ADFT hyper-parameters (spec §5). ``layers``: the resolved :class:`dsur.AttentionLayers`."""
+    """ADFT hyper-parameters (DLADiff §5.1; docs/dladiff.md). ``layers``: the resolved :class:`dsur.AttentionLayers`."""
 
     eps: float = 7.0 / 255.0
     step_size: float = 5e-3
@@ -103,7 +103,7 @@ def init_perturb(x0, cfg) -> PerturbState:
 
 
 def init_state(surrogate, x0, cfg: ADFTConfig) -> ADFTState:
-    """delta = 0; UNet_d = theta_pre (the surrogate's UNet, copied; spec §3.3)."""
+    """delta = 0; UNet_d = theta_pre (the surrogate's UNet, copied; DLADiff Alg. 1)."""
     return ADFTState(init_perturb(x0, cfg), ft.init_state(surrogate, cfg.stage3(np.shape(x0)[0])))
 
 

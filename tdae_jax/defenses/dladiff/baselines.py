@@ -1,5 +1,5 @@
-"""Anti-DreamBooth baselines (Van Le et al. 2023; PEERS.md §2.2; ``VinAIResearch/Anti-DreamBooth``
-``attacks/aspl.py``), run under DLADiff's budget for a like-for-like comparison (DLADiff spec §5.1: "same
+"""Anti-DreamBooth baselines (Van Le et al., ICCV 2023; ``VinAIResearch/Anti-DreamBooth``
+``attacks/aspl.py``), run under DLADiff's budget for a like-for-like comparison (DLADiff §5.1: "same
 hyperparameter settings": eta 7/255, sign step 5e-3, both in [0,1] units here).
 
 ASPL, per outer epoch (``epochs``, ADB: 50)::

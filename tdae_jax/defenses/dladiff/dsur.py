@@ -1,9 +1,9 @@
-"""DLADiff layer 1, stage 0 and the attention loss (DLADiff spec §3.2 DSUR, §3.3 Eq. 8).
+"""DLADiff layer 1, stage 0 and the attention loss (DLADiff §4.1.1 DSUR, Eq. 7; Eq. 8).
 
 - :func:`train_static`: the static surrogate UNet_s, DreamBooth on the clean photos with "a photo of sks
-  person", **UNet only, no prior**, Adam (spec §3.2, Alg. 1 lines 3-5; project default §5.2: 400 steps,
+  person", **UNet only, no prior**, Adam (DLADiff §4.1.1, Alg. 1 lines 3-5; project default = the victim's 400 steps,
   lr 5e-6, batch 4).
-- :func:`select_layers`: which attention modules feed L_att. Project default (spec §3.3): every transformer
+- :func:`select_layers`: which attention modules feed L_att. Project default (Eq. 8 names none): every transformer
   block whose maps are ``resolution x resolution`` (16: SD-2.1-base at 512 px -> ``down_blocks_2`` and
   ``up_blocks_1``; the tiny test UNet at 32 px -> ``down_blocks_0`` and ``up_blocks_1``), self (``attn1``)
   and cross (``attn2``), or explicit path prefixes.
@@ -117,9 +117,9 @@ def static_config(steps: int = 400, lr: float = 5e-6, batch_size: int = 4, max_g
 
 def train_static(surrogate, clean_images, prompt: str, cfg: ft.FinetuneConfig, key: jax.Array, *, uids=None,
                  mesh=None, ckpt_dir=None, ckpt_every: int = 0, log=None) -> ft.FinetuneResult:
-    """UNet_s = DreamBooth(theta_pre) on ``clean_images [N,H,W,3]`` (spec §3.2). Returns the fine-tuning result
+    """UNet_s = DreamBooth(theta_pre) on ``clean_images [N,H,W,3]`` (DLADiff §4.1.1). Returns the fine-tuning result
     (``.surrogate`` has the static UNet)."""
     if cfg.method != "dreambooth" or cfg.train_text_encoder or cfg.prior_weight:
-        raise ValueError("DSUR trains the UNet only, without prior (spec §3.2); use dsur.static_config()")
+        raise ValueError("DSUR trains the UNet only, without prior (DLADiff §4.1.1); use dsur.static_config()")
     return ft.finetune(surrogate, clean_images, prompt, cfg, key, uids=uids, mesh=mesh, ckpt_dir=ckpt_dir,
                        ckpt_every=ckpt_every, log=log)

@@ -2,7 +2,7 @@
 ``python -m experiments.dladiff``. Same workdir contract as ``pipeline.run`` (protected/<id>.png, manifest,
 metrics.jsonl/csv, report.html, config.json, git_revision.txt; UsageError -> exit 2, failed inputs -> 1).
 
-All inputs of a run are one identity (DLADiff protects an identity's 4 photos jointly, spec §1.1):
+All inputs of a run are one identity (DLADiff protects an identity's 4 photos jointly, DLADiff §5.1):
 layer 1 optimizes them as one batch against one static/dynamic surrogate pair; layer 2 runs per image on
 its face (landmarks from ``landmarks`` JSON or dlib's detector). The written image is
 ``x + delta_ft + delta_zs`` snapped to the 1/255 grid within ``eta_ft + eta_zs`` (``eta_ft`` alone outside

@@ -1,4 +1,4 @@
-"""DLADiff layer 2: the anti-zero-shot identity perturbation (DLADiff spec §4, Eq. 10-11, Algorithm 2).
+"""DLADiff layer 2: the anti-zero-shot identity perturbation (DLADiff §4.2, Eq. 10-11, Algorithm 2).
 
     L_id = 1 - sum_i w_i cos(IE_i(align(x' + delta_img, M_i')), IE_i(align(x, M_i)))     (Eq. 10, w_i = 1/N)
     delta <- clip(delta + s * sign grad L_id, -eta_zs, eta_zs)                           (Eq. 11)
@@ -8,17 +8,17 @@
   from the **clean** image (Alg. 2). :func:`warp` is a differentiable bilinear warp
   (``jax.scipy.ndimage.map_coordinates``, order 1, zeros outside).
 - EOT against re-detection: each step uses ``M' = M + N(0, diag)`` with std ``jitter_linear`` on the 2x2 part
-  and ``jitter_translation`` px on the translation (spec §4.3 project default 0.01 / 1.0).
+  and ``jitter_translation`` px on the translation (project default 0.01 / 1.0; the paper: "slight random noise").
 - ``space="aligned"`` (default, Alg. 2): ``delta [S,S,3]`` lives in the first encoder's crop and reaches the
   image as ``delta_img = warp_back(delta, M_0)`` (bilinear, a convex combination with zeros, so
   ``|delta_img| <= eta_zs`` and ``delta_img = 0`` outside the face crop). Every encoder sees the round trip
   ``align(x' + delta_img, M_i')``, i.e. what is written to disk, not ``x'_f + delta`` (identical up to
   resampling for one encoder; well defined for an ensemble with different crops). ``space="image"``:
-  ``delta`` at full resolution, restricted to the crop's footprint (spec §4.3 option).
+  ``delta`` at full resolution, restricted to the crop's footprint (a project option).
 - Stop rule (project default): an image stops once ``max_i cos_i < threshold`` on the **un-jittered** crop,
   checked every ``check_every`` steps, or after ``max_steps``; finished images are frozen (per-image mask).
-- Composition (spec §4.3): ``x_out = clip(x + delta_ft + delta_img, 0, 1)``; the face region's total is
-  ``<= eta_ft + eta_zs``. Units: [0,1] pixels; eta_zs = 11/255, step 8e-4 (spec §5.1).
+- Composition (project default): ``x_out = clip(x + delta_ft + delta_img, 0, 1)``; the face region's total is
+  ``<= eta_ft + eta_zs``. Units: [0,1] pixels; eta_zs = 11/255, step 8e-4 (DLADiff §5.1).
 """
 from __future__ import annotations
 

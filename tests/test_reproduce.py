@@ -1,0 +1,64 @@
+"""The reproduction study command: --quick end to end, resume, usage errors (pairs of its own world seed)."""
+import csv
+
+from experiments import reproduce
+from tdae_jax.evaluate import study
+
+# A world seed of its own: disjoint from the study's tables (31337), the editors' evaluation (1000), training.
+SEED = 9090
+
+
+def test_usage_errors_exit_2_before_writing(tmp_path, capsys):
+    for bad in (["--rows=noise,foo"], ["--budgets=300"], ["--threats=psychic"], ["--ip2p_victims=nope"],
+                ["--rows=pge_tdae"], ["--pairs=1"]):
+        wd = tmp_path / "wd"
+        rc = reproduce.run_cli(["reproduce", f"--study_dir={wd}", f"--page={tmp_path}/r.md", *bad])
+        assert rc == 2, bad
+        assert not wd.exists(), bad
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: "), (bad, err)
+
+
+def test_quick_study_writes_page_and_resumes(tmp_path):
+    wd, out = tmp_path / "wd", tmp_path / "docs" / "reproduction.md"
+    argv = ["reproduce", "--quick", f"--world_seed={SEED}", f"--study_dir={wd}", f"--page={out}"]
+    assert reproduce.run_cli(argv) == 0
+    page = out.read_text()
+    assert "### Blind, eps 16/255" in page and "McNemar" in page
+    assert "| noise * |" in page and "| pgd vs noise |" in page
+    assert "no measurable effect" in page or "lower" in page or "higher" in page
+    rows = list(csv.DictReader(open(out.parent / "reproduction" / "cells.csv")))
+    assert {r["row"] for r in rows} == {"none", "noise", "pgd"}
+    assert all(int(r["n"]) == 8 and float(r["lo95"]) <= float(r["rate"]) <= float(r["hi95"]) for r in rows)
+    assert {r["purifier"] for r in rows} == {"none", "jpeg75", "worst"}
+    cell_files = sorted((wd / "cells").iterdir())
+    mtimes = [f.stat().st_mtime_ns for f in cell_files]
+    assert reproduce.run_cli(argv) == 0  # resumes: nothing recomputed
+    assert [f.stat().st_mtime_ns for f in sorted((wd / "cells").iterdir())] == mtimes
+    # the page alone, from the stored cells
+    again = tmp_path / "again.md"
+    assert reproduce.run_cli([*argv[:-1], f"--page={again}", "--report_only"]) == 0
+    assert "rewritten from the stored cells" in again.read_text() and "| pgd vs noise |" in again.read_text()
+    # the same workdir with another setting is refused
+    assert reproduce.run_cli([*argv, "--scene_objects=1"]) == 2
+
+
+def test_blind_prompts_differ_from_the_victims():
+    c = study.StudyConfig(n=16, seed=SEED, rows=("noise",), victims=("ip2p_a",), sdedit_victims=())
+    p = study.pairs(c)
+    blind = study.protector_prompts(p, c, "blind")
+    assert study.protector_prompts(p, c, "known") == p["instruction"]
+    assert sum(b != i for b, i in zip(blind, p["instruction"])) >= 15
+    assert blind == study.protector_prompts(study.pairs(c), c, "blind")  # deterministic
+
+
+def test_noise_control_is_inside_the_budget_and_seeded(tmp_path):
+    from tdae_jax.data import io as dio
+    from tdae_jax.miniature import protection as mp
+
+    c = study.StudyConfig(n=4, seed=SEED, rows=("noise",), victims=("ip2p_a",), sdedit_victims=())
+    p = study.pairs(c)
+    x = mp.noise_control(p["source"], 8 / 255, p["ids"])
+    assert dio.linf_uint8(x, p["source"]) == 8
+    assert (x == mp.noise_control(p["source"], 8 / 255, p["ids"])).all()
+    assert (x != p["source"]).mean() > 0.5
