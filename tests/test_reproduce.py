@@ -62,3 +62,19 @@ def test_noise_control_is_inside_the_budget_and_seeded(tmp_path):
     assert dio.linf_uint8(x, p["source"]) == 8
     assert (x == mp.noise_control(p["source"], 8 / 255, p["ids"])).all()
     assert (x != p["source"]).mean() > 0.5
+
+
+def test_study_flagfile_parses_to_the_documented_grid():
+    from pathlib import Path
+
+    from experiments.common import FLAGS
+
+    flagfile = Path(reproduce.__file__).parent / "flags" / "reproduce_miniature.flags"
+    FLAGS.unparse_flags()
+    FLAGS(["reproduce", f"--flagfile={flagfile}"])
+    c = reproduce.config_from_flags(FLAGS)
+    assert c.n >= 128 and set(c.eps) == {8.0, 16.0} and set(c.threats) == {"blind", "known"}
+    assert {"noise", "pgd", "pgd_tdae", "pgd_fdm", "pgd_dpd", "pgd_tpa", "pge", "advdm", "mist", "sds", "ace",
+            "sa"} <= set(c.rows)
+    assert c.seed not in (SEED, 1000, 2000, 4242)  # tables and tests use different pairs
+    FLAGS.unparse_flags()

@@ -211,7 +211,7 @@ def threat_section(store: Store, c: StudyConfig, grid: list[Cell]) -> str:
     for cell in grid:
         if cell.threat == "blind" and cell.beta is None:
             known = Cell(cell.row, cell.eps, "known")
-            if known in grid:
+            if known in grid and store.score_path(cell).is_file() and store.score_path(known).is_file():
                 comps.append((f"{cell.row} @ {cell.eps:g}/255: known vs blind", cell, known))
     if not comps:
         return ""
