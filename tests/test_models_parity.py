@@ -90,7 +90,7 @@ def surrogates(reference):
 def test_vae_parity(reference, surrogates):
     s, vae = surrogates["sd"], reference["vae"]
     x = np.random.default_rng(0).uniform(size=(2, 32, 32, 3)).astype(np.float32)
-    mean, std = s._moments(jnp.asarray(x))
+    mean, std = s.moments(jnp.asarray(x))
     z = np.random.default_rng(1).normal(size=(2, 4, 16, 16)).astype(np.float32)
     ours = np.asarray(s.decode(jnp.asarray(z))) * 2.0 - 1.0
     with torch.no_grad():

@@ -37,4 +37,4 @@ from tdae_jax.data.manifest import (
     unique_ids,
 )
 
-__all__ = [n for n in dir() if not n.startswith("_") and n not in ("io", "manifest")]
+__all__ = [n for n in dir() if not n.startswith("_") and n not in ("files", "io", "manifest")]

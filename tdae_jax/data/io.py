@@ -29,12 +29,16 @@ import glob
 import io as _stdio
 import math
 import os
-import tempfile
 import warnings as _warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from tdae_jax.data import manifest as _manifest
+from tdae_jax.data.files import DataError, atomic_write_bytes
+
+load_prompts = _manifest.load_prompts  # prompts file -> (prompts, problems); defined in data/manifest.py
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 _FORMATS = {"PNG", "JPEG", "MPO", "WEBP", "BMP", "TIFF"}  # MPO: multi-picture JPEG from cameras
@@ -44,10 +48,6 @@ RESIZE_MODES = ("none", "center_crop", "resize", "pad")
 DEFAULT_MIN_SIDE = 16
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's own default (~ 89.5 MP)
 MULTIPLE = 8  # VAE downsampling factor: working H, W must be divisible by it
-
-
-class DataError(ValueError):
-    """A problem with the user's data or paths; the message says what and where."""
 
 
 class ImageError(DataError):
@@ -428,22 +428,6 @@ def check_output_dir(workdir, input_dirs) -> Path:
     return wd
 
 
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Writes ``data`` to a temp file in the same folder, fsyncs, then ``os.replace`` onto ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def save_png_atomic(path, image_uint8: np.ndarray, *, forbidden_dirs=(), icc_profile: bytes | None = None) -> Path:
     """Writes ``[H, W, 3]`` (or ``[H, W]``) uint8 as PNG atomically; refuses paths inside ``forbidden_dirs``.
 
@@ -471,13 +455,6 @@ def read_back_uint8(path) -> np.ndarray:
     """Re-reads a written PNG as ``[H, W, 3] uint8`` (for checking the on-disk budget)."""
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB") if im.mode != "RGB" else im, dtype=np.uint8).copy()
-
-
-def load_prompts(path, **kwargs):
-    """Prompts file -> ``(prompts, problems)``; see ``tdae_jax.data.manifest.load_prompts``."""
-    from tdae_jax.data.manifest import load_prompts as _load_prompts  # manifest imports this module
-
-    return _load_prompts(path, **kwargs)
 
 
 def _has_magic(s: str) -> bool:

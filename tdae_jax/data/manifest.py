@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tdae_jax.data.io import DataError, atomic_write_bytes
+from tdae_jax.data.files import DataError, atomic_write_bytes
 
 STATUSES = ("pending", "running", "done", "failed")
 MANIFEST_VERSION = 1

@@ -183,7 +183,7 @@ def diffusion_loss(surrogate, x, emb, keys, latent_sample: bool = True, z0=None)
     """
     if z0 is None:
         if latent_sample:
-            mean, std = surrogate._moments(x)
+            mean, std = surrogate.moments(x)
             e = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 3), mean.shape[1:], mean.dtype))(keys)
             z0 = (mean + std * e) * surrogate.static.scaling_factor
         else:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from tdae_jax import editors as E
+from tdae_jax.editors import common as E
 from tdae_jax.editors import schedulers
 
 

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tdae_jax import editors as E
+from tdae_jax.editors import common as E
 from tdae_jax.models import flow_match
 
 KIND = "sd3_img2img"

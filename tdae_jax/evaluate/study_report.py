@@ -250,7 +250,9 @@ def page(store: Store, c: StudyConfig, header: str, extra: str = "") -> str:
               "## Image quality of the protected images (TDAE Table V)\n",
               "Protected vs clean image, mean ± sd over the cell's pairs. LPIPS needs the LPIPS network weights, which "
               "do not ship with the package and cannot be fetched here, so it is not reported on this page "
-              "(`experiments.evaluate --lpips_weights=...` computes it where the weights exist).\n",
+              "(`experiments.evaluate --lpips_weights=...` computes it where the weights exist). The seconds are each "
+              "cell's protection wall time (compilation included) on the machine that made it, possibly with other "
+              "jobs running: a record, not a speed comparison (the cost table is).\n",
               quality_table(store, grid)]
     if extra:
         parts.append(extra)

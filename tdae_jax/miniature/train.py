@@ -20,7 +20,6 @@ did not learn in the budget (docs/miniature.md). Batches are drawn by
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import optax
 
 from tdae_jax import checkpoint as ckpt
 from tdae_jax.miniature import vocab, world
+from tdae_jax.models import miniature as mini_models
 
 SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
              "beta_schedule": "scaled_linear", "prediction_type": "sample", "clip_sample": False,
@@ -113,103 +113,21 @@ def to_unit(images) -> np.ndarray:
     return np.asarray(images, np.float32) / 255.0
 
 
-# ----------------------------------------------------------------------------------------------- tokenizer
+# ------------------------------------------------------------------------------- tokenizer and modules
+# The constructors live in the model layer (models/miniature.py); re-exported here for the recipes and tests.
+make_vae, make_unet, make_text_encoder = mini_models.make_vae, mini_models.make_unet, mini_models.make_text_encoder
+
+
 def world_tokenizer(max_length: int = 32):
-    """A real ``CLIPTokenizer`` whose BPE merges make every word of ``vocab.words()`` a single token.
-
-    Vocabulary: CLIP's 512 byte-level symbols (``c`` and ``c</w>``), then one entry per merge, learned by
-    plain BPE on the word list until every word is one symbol, then the two special tokens.
-    """
-    import tempfile
-
-    from transformers import CLIPTokenizer
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
-
-    chars = list(bytes_to_unicode().values())
-    tokens = chars + [c + "</w>" for c in chars]
-    words = {tuple(w[:-1]) + (w[-1] + "</w>",): 1 for w in vocab.words()}
-    merges = []
-    while True:
-        counts: dict = {}
-        for w in words:
-            for p in zip(w, w[1:]):
-                counts[p] = counts.get(p, 0) + 1
-        if not counts:
-            break
-        best = max(sorted(counts), key=lambda p: counts[p])   # deterministic: first of the most frequent
-        merges.append(best)
-        tokens.append(best[0] + best[1])
-        new = {}
-        for w in words:
-            out, i = [], 0
-            while i < len(w):
-                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
-                    out.append(w[i] + w[i + 1])
-                    i += 2
-                else:
-                    out.append(w[i])
-                    i += 1
-            new[tuple(out)] = 1
-        words = new
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    seen, uniq = set(), []
-    for t in tokens:
-        if t not in seen:
-            seen.add(t), uniq.append(t)
-    with tempfile.TemporaryDirectory() as d:
-        Path(d, "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(uniq)}))
-        Path(d, "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-        tok = CLIPTokenizer(str(Path(d, "vocab.json")), str(Path(d, "merges.txt")), model_max_length=max_length,
-                            pad_token="<|endoftext|>")
-    for w in vocab.words():
-        if len(tok.tokenize(w)) != 1:
-            raise AssertionError(f"world word {w!r} is not a single token: {tok.tokenize(w)}")
-    return tok
+    """A real ``CLIPTokenizer`` whose BPE merges make every word of ``vocab.words()`` a single token
+    (``models.miniature.word_tokenizer``: CLIP's 512 byte-level symbols, then one entry per merge, learned by plain
+    BPE on the word list until every word is one symbol, then the two special tokens)."""
+    return mini_models.word_tokenizer(vocab.words(), max_length)
 
 
 def tokenize(tok, texts) -> np.ndarray:
     return np.asarray(tok(list(texts), padding="max_length", max_length=tok.model_max_length, truncation=True,
                           return_tensors="np").input_ids, np.int32)
-
-
-# ----------------------------------------------------------------------------------------------- modules
-def make_vae(cfg: VAEConfig, scaling_factor: float = 1.0):
-    from diffusers import FlaxAutoencoderKL
-
-    n = len(cfg.block_out_channels)
-    return FlaxAutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
-                             up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(cfg.block_out_channels),
-                             layers_per_block=cfg.layers_per_block, latent_channels=cfg.latent_channels,
-                             norm_num_groups=cfg.norm_num_groups, sample_size=cfg.size,
-                             scaling_factor=float(scaling_factor))
-
-
-def make_unet(cfg: DiffusionConfig, latent_channels: int, sample_size: int):
-    """The project's ``sd.UNet`` (a ``FlaxUNet2DConditionModel`` with PyTorch numerics): cross-attention at
-    every lower level and in the middle block, at the top level only with ``attention_top``."""
-    from tdae_jax.models import sd
-
-    n = len(cfg.block_out_channels)
-    top = "CrossAttn" if cfg.attention_top else ""
-    down = (top + "DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1)
-    up = ("CrossAttnUpBlock2D",) * (n - 1) + (top + "UpBlock2D",)
-    in_ch = 2 * latent_channels if cfg.family == "ip2p" else latent_channels
-    return sd.UNet(sample_size=sample_size, in_channels=in_ch, out_channels=latent_channels, down_block_types=down,
-                   up_block_types=up, block_out_channels=tuple(cfg.block_out_channels),
-                   layers_per_block=cfg.layers_per_block, attention_head_dim=cfg.attention_heads,
-                   cross_attention_dim=cfg.text_hidden)
-
-
-def make_text_encoder(cfg: DiffusionConfig, tok):
-    from transformers import CLIPTextConfig
-    from transformers.models.clip.modeling_flax_clip import FlaxCLIPTextModule
-
-    config = CLIPTextConfig(vocab_size=len(tok), hidden_size=cfg.text_hidden, intermediate_size=4 * cfg.text_hidden,
-                            num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
-                            max_position_embeddings=cfg.max_length, hidden_act="quick_gelu",
-                            projection_dim=cfg.text_hidden, bos_token_id=tok.bos_token_id,
-                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    return FlaxCLIPTextModule(config=config)
 
 
 def init_params(module, seed: int) -> dict:

@@ -33,10 +33,10 @@ def tiny(family: str, seed: int = 0) -> Surrogate:
 
 
 def save(surrogate: Surrogate, out_dir, dtype=None):
-    """Write ``surrogate`` as a diffusers-layout directory (see :func:`weights.save_diffusers`)."""
+    """Write ``surrogate`` as a diffusers-layout directory (see :func:`sd.save_diffusers`)."""
     import numpy as np
 
-    from tdae_jax.models.weights import save_diffusers
+    from tdae_jax.models.sd import save_diffusers
 
     return save_diffusers(surrogate, out_dir, np.float32 if dtype is None else dtype)
 

@@ -20,7 +20,7 @@ draw, ``objectives.common.draw_timesteps``) indexes the shifted training grid in
 t = 999 is σ = 1 and t = 0 is σ_min = 0.003 — the grid diffusers' SD3 training scripts draw from.
 
 Adapter for the objectives and the pipeline (``objectives/common.py``, ``pipeline.py``): ``family ==
-"sd3"``, ``_moments`` / ``encode_mode`` (raw posterior, as ``Surrogate``), ``eps(z_t, t, emb, pooled=...)``
+"sd3"``, ``moments`` / ``encode_mode`` (raw posterior, as ``Surrogate``), ``eps(z_t, t, emb, pooled=...)``
 with ``emb`` the (perturbable) ``prompt_embeds`` array and the pooled projection passed separately,
 ``text_batch(prompts)`` for the protect batch. The Semantic Attack (SA) is not applicable: SD3 has one
 joint image+text attention, no UNet cross-attention maps (``unet_out`` raises).
@@ -94,8 +94,6 @@ class SD3:
     def moments(self, x: jax.Array):
         """VAE posterior (mean, std), unnormalised, NCHW, of images ``[B,H,W,3]`` in [0, 1]."""
         return sd3_vae.moments(self.static.vae, self.static.vae_info, self.params["vae"], x * 2.0 - 1.0)
-
-    _moments = moments  # the name objectives/common.py and the editors use on ``Surrogate``
 
     def encode_mode(self, x: jax.Array) -> jax.Array:
         """Raw (unnormalised) posterior mean ``[B,16,h,w]``, as ``Surrogate.encode_mode`` (PhotoGuard PGE)."""

@@ -117,7 +117,7 @@ class Surrogate:
         return cast_floats(unet_params, self.compute_dtype)
 
     # ------------------------------------------------------------------ VAE
-    def _moments(self, x: jax.Array):
+    def moments(self, x: jax.Array):
         """VAE posterior (mean, std) in *unscaled* latent units, NCHW."""
         sample = jnp.transpose(x * 2.0 - 1.0, (0, 3, 1, 2))
         with fastconv.polyphase_downsampling(), fastnorm.fast_group_norm():  # CPU backward passes
@@ -131,13 +131,13 @@ class Surrogate:
     def encode(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
         """Scaled latents of images ``x: [B,H,W,3] in [0,1]``. ``key`` None: the posterior mean;
         otherwise one posterior sample (``latent_dist.sample()``)."""
-        mean, std = self._moments(x)
+        mean, std = self.moments(x)
         z = mean if key is None else mean + std * jax.random.normal(key, mean.shape, mean.dtype)
         return z * self.static.scaling_factor
 
     def encode_mode(self, x: jax.Array) -> jax.Array:
         """Unscaled posterior mode, as InstructPix2Pix uses for its image condition."""
-        return self._moments(x)[0]
+        return self.moments(x)[0]
 
     def decode(self, z: jax.Array) -> jax.Array:
         """Images ``[B,H,W,3]`` in [0,1] (not clipped, so gradients pass) from scaled latents ``[B,C,h,w]``."""

@@ -9,7 +9,7 @@ Implements, without importing torch and without ever unpickling:
   (Linear ``weight`` -> ``kernel`` transposed; Conv OIHW -> HWIO; norm ``weight`` -> ``scale``; Embedding
   ``weight`` -> ``embedding``; ``name.N`` -> ``name_N`` list segments; VAE attention ``to_q/to_k/to_v/to_out.0``
   -> ``query/key/value/proj_attn``, with the legacy PyTorch names accepted too), written here as one
-  Flax-path -> PyTorch-name function so that loading and :func:`save_diffusers` are exact inverses;
+  Flax-path -> PyTorch-name function so that loading and ``sd.save_diffusers`` are exact inverses;
 - validation against the tree ``jax.eval_shape(module.init, ...)`` expects: a missing, extra (except known
   buffers such as ``position_ids``) or wrong-shaped tensor raises :class:`WeightsError` naming the file, the
   PyTorch tensor name and the expected/actual shapes.
@@ -325,40 +325,3 @@ def write_json(path: Path, obj: dict) -> None:
 
 def write_safetensors(path: Path, state: dict[str, np.ndarray]) -> None:
     _atomic_write(Path(path), lambda tmp: safetensors.numpy.save_file(state, tmp, metadata={"format": "pt"}))
-
-
-def save_diffusers(surrogate, out_dir: str | os.PathLike, dtype=np.float32) -> Path:
-    """Write ``surrogate`` as a diffusers-layout directory that diffusers/transformers (PyTorch) and
-    :func:`tdae_jax.models.load` both read: ``model_index.json``, ``unet/``, ``vae/`` (config.json +
-    diffusion_pytorch_model.safetensors), ``text_encoder/`` (config.json + model.safetensors),
-    ``tokenizer/``, ``scheduler/scheduler_config.json``. ``dtype``: stored float dtype (f32, f16 or bf16)."""
-    from tdae_jax.models import sd  # config translation lives with the builders
-
-    out, st = Path(out_dir), surrogate.static
-    out.mkdir(parents=True, exist_ok=True)
-    version = _version("diffusers")
-    for comp, cfg, vae in (("unet", sd.unet_pt_config(st.unet), False),
-                           ("vae", sd.vae_pt_config(st.vae, st.scaling_factor), True)):
-        write_json(out / comp / "config.json", {**cfg, "_diffusers_version": version})
-        write_safetensors(out / comp / "diffusion_pytorch_model.safetensors",
-                          to_pytorch(surrogate.params[comp], vae=vae, dtype=dtype))
-    write_json(out / "text_encoder" / "config.json", sd.text_pt_config(st.text_encoder, dtype))
-    write_safetensors(out / "text_encoder" / "model.safetensors",
-                      to_pytorch(surrogate.params["text_encoder"], dtype=dtype))
-    st.tokenizer.save_pretrained(str(out / "tokenizer"))
-    scheduler = {"_class_name": "DDPMScheduler", **st.scheduler_config, "_diffusers_version": version}
-    write_json(out / "scheduler" / "scheduler_config.json", scheduler)
-    write_json(out / "model_index.json", {
-        "_class_name": sd.PIPELINES[st.family], "_diffusers_version": version,
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", scheduler["_class_name"]], "safety_checker": [None, None],
-        "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
-    })
-    return out
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import version
-
-    return version(package)

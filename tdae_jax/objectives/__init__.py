@@ -12,7 +12,7 @@ from typing import Callable, NamedTuple
 from tdae_jax.configs import Objective
 from tdae_jax.objectives import diffusion, photoguard, semantic_attention
 
-TARGETS = photoguard.TARGETS  # --target values (photoguard._target_image; "zero" = the default)
+TARGETS = photoguard.TARGETS  # --target values (common.target_image; "zero" = the default)
 
 
 class Host(NamedTuple):

@@ -1,4 +1,5 @@
-"""Pieces shared by the host objectives: per-image noise draws and the family-aware UNet call.
+"""Pieces shared by the host objectives: per-image noise draws, the family-aware UNet call, and PhotoGuard's
+target images and repeated passes (``photoguard.py`` and ``photoguard_flow.py`` both use them).
 
 An objective is ``loss_fn(delta, batch, emb, keys) -> [B]``, the per-image value to **minimize**
 over the image perturbation (docs/design.md convention 2). TDAE's maximized disruption loss L enters as
@@ -39,7 +40,7 @@ def posterior_sample_keys(keys: jax.Array) -> jax.Array:
 
 def encode_sample(sur: Surrogate, x: jax.Array, keys: jax.Array) -> jax.Array:
     """Scaled latents with per-image posterior noise (``latent_dist.sample()``)."""
-    mean, std = sur._moments(x)
+    mean, std = sur.moments(x)
     noise = jax.vmap(lambda kk, m: jax.random.normal(kk, m.shape, m.dtype))(posterior_sample_keys(keys), mean)
     if sur.family == "sd3":  # (z - shift_factor) * scaling_factor
         return sur.normalize(mean + std * noise)
@@ -140,3 +141,55 @@ def per_image_sum(a: jax.Array) -> jax.Array:
 def safe_l2(a: jax.Array, tiny: float = 1e-12) -> jax.Array:
     """Per-image L2 norm with a finite gradient at 0."""
     return jnp.sqrt(per_image_sum(a * a) + tiny * tiny)
+
+
+# --------------------------------------------- PhotoGuard's targets and repeated passes (photoguard[_flow].py)
+# ``Objective.target`` values (``--target``) of the hosts that read one (``objectives.accepts_target``): ``zero``
+# = the zero latent (encoder attack: MadryLab/photoguard notebooks/demo_simple_attack_img2img.ipynb ``pgd``
+# minimizes ``latent_dist.mean.norm()``) or the zero image in [-1, 1], i.e. mid-gray (diffusion attack);
+# ``gray`` / ``black``: an image of that colour (its posterior mean for the encoder attack).
+TARGETS = ("zero", "gray", "black")
+
+
+def target_image(x0: jax.Array, target: str) -> jax.Array:
+    """The ``[B,H,W,3]`` target image of PhotoGuard's attacks for ``target`` (``gray`` or ``black``)."""
+    if target == "gray":
+        return jnp.full_like(x0, 0.5)
+    if target == "black":
+        return jnp.zeros_like(x0)
+    raise ValueError(f"unknown image target {target!r} ({' | '.join(TARGETS)}; 'zero' is handled by the caller)")
+
+
+REP_STREAM = 0x5052  # per-image key stream of the passes r >= 1 (``rep_keys``)
+
+
+def rep_keys(keys: jax.Array, reps: int) -> jax.Array:
+    """``[reps, B]`` per-pass keys: pass 0 uses the per-image keys themselves (one pass = the plain objective),
+    pass ``r >= 1`` uses ``fold_in(fold_in(key, REP_STREAM), r)``: independent draws, per image."""
+    extra = jax.vmap(lambda r: jax.vmap(lambda k: jax.random.fold_in(jax.random.fold_in(k, REP_STREAM), r))(keys))(
+        jnp.arange(1, reps, dtype=jnp.uint32))
+    return jnp.concatenate([keys[None], extra], axis=0)
+
+
+def average_over_reps(one_pass, reps: int, remat: bool):
+    """``loss_fn(delta, batch, emb, keys) -> [B]``: the mean of ``one_pass`` over ``reps`` independent passes.
+
+    PhotoGuard's ``super_l2`` / ``super_linf`` average ``grad_reps`` gradients of ``compute_grad``; the gradient
+    of the mean loss is that average. The passes run in one ``lax.scan``; with ``remat`` each pass is
+    ``jax.checkpoint``-ed, so the backward pass keeps one pass's activations at a time (memory independent of
+    ``reps``; the price is one more forward per pass). ``reps = 1`` is ``one_pass`` itself.
+    """
+    if reps < 1:
+        raise ValueError(f"pgd_grad_reps must be >= 1, got {reps}")
+    if reps == 1:
+        return one_pass
+
+    def loss_fn(delta, batch, emb, keys):
+        def body(total, k):
+            return total + one_pass(delta, batch, emb, k), None
+
+        body = jax.checkpoint(body) if remat else body
+        total, _ = jax.lax.scan(body, jnp.zeros((batch["x0"].shape[0],), jnp.float32), rep_keys(keys, reps))
+        return total / reps
+
+    return loss_fn

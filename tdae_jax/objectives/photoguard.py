@@ -46,24 +46,11 @@ from tdae_jax.editors import schedulers
 from tdae_jax.models.surrogate import Surrogate
 from tdae_jax.objectives import common
 
-REP_STREAM = 0x5052  # per-image key stream of the passes r >= 1 (``rep_keys``)
 STEP_NOISE_STREAM = 0x5053  # per-image key stream of the DDIM eta > 0 step noise
 _EDITOR_KIND = {"sd": "img2img", "inpaint": "inpaint"}  # the victim editor each DDIM surrogate family stands for
-
-
-# ``Objective.target`` values (``--target``) of the hosts that read one (``objectives.accepts_target``): ``zero``
-# = the zero latent (encoder attack: MadryLab/photoguard notebooks/demo_simple_attack_img2img.ipynb ``pgd``
-# minimizes ``latent_dist.mean.norm()``) or the zero image in [-1, 1], i.e. mid-gray (diffusion attack);
-# ``gray`` / ``black``: an image of that colour (its posterior mean for the encoder attack).
-TARGETS = ("zero", "gray", "black")
-
-
-def _target_image(x0: jax.Array, target: str) -> jax.Array:
-    if target == "gray":
-        return jnp.full_like(x0, 0.5)
-    if target == "black":
-        return jnp.zeros_like(x0)
-    raise ValueError(f"unknown image target {target!r} ({' | '.join(TARGETS)}; 'zero' is handled by the caller)")
+# Shared with photoguard_flow.py, defined in common.py (re-exported: ``photoguard.TARGETS`` etc. stay importable)
+TARGETS, REP_STREAM = common.TARGETS, common.REP_STREAM
+rep_keys, average_over_reps = common.rep_keys, common.average_over_reps
 
 
 def make_encoder(sur: Surrogate, cfg: Objective, targeted: bool = True):
@@ -77,7 +64,7 @@ def make_encoder(sur: Surrogate, cfg: Objective, targeted: bool = True):
             if cfg.target == "zero":
                 tgt = jnp.zeros_like(mu)
             else:
-                tgt = jax.lax.stop_gradient(sur.encode_mode(_target_image(x0, cfg.target)))
+                tgt = jax.lax.stop_gradient(sur.encode_mode(common.target_image(x0, cfg.target)))
             return common.safe_l2(mu - tgt)
         ref = jax.lax.stop_gradient(sur.encode_mode(x0))
         return -common.per_image_sum((mu - ref) ** 2)
@@ -119,38 +106,6 @@ def ddim_timesteps(sur: Surrogate, steps: int, strength: float | None) -> np.nda
     return attack_plan(sur, steps, strength).timesteps.astype(np.int64)
 
 
-def rep_keys(keys: jax.Array, reps: int) -> jax.Array:
-    """``[reps, B]`` per-pass keys: pass 0 uses the per-image keys themselves (one pass = the plain objective),
-    pass ``r >= 1`` uses ``fold_in(fold_in(key, REP_STREAM), r)``: independent draws, per image."""
-    extra = jax.vmap(lambda r: jax.vmap(lambda k: jax.random.fold_in(jax.random.fold_in(k, REP_STREAM), r))(keys))(
-        jnp.arange(1, reps, dtype=jnp.uint32))
-    return jnp.concatenate([keys[None], extra], axis=0)
-
-
-def average_over_reps(one_pass, reps: int, remat: bool):
-    """``loss_fn(delta, batch, emb, keys) -> [B]``: the mean of ``one_pass`` over ``reps`` independent passes.
-
-    PhotoGuard's ``super_l2`` / ``super_linf`` average ``grad_reps`` gradients of ``compute_grad``; the gradient
-    of the mean loss is that average. The passes run in one ``lax.scan``; with ``remat`` each pass is
-    ``jax.checkpoint``-ed, so the backward pass keeps one pass's activations at a time (memory independent of
-    ``reps``; the price is one more forward per pass). ``reps = 1`` is ``one_pass`` itself.
-    """
-    if reps < 1:
-        raise ValueError(f"pgd_grad_reps must be >= 1, got {reps}")
-    if reps == 1:
-        return one_pass
-
-    def loss_fn(delta, batch, emb, keys):
-        def body(total, k):
-            return total + one_pass(delta, batch, emb, k), None
-
-        body = jax.checkpoint(body) if remat else body
-        total, _ = jax.lax.scan(body, jnp.zeros((batch["x0"].shape[0],), jnp.float32), rep_keys(keys, reps))
-        return total / reps
-
-    return loss_fn
-
-
 def _one_pass(sur: Surrogate, cfg: Objective, plan: schedulers.Plan, from_noise: bool):
     """One stochastic pass of PhotoGuard's ``attack_forward``: encode, K guided DDIM steps, decode, distance."""
 
@@ -172,7 +127,7 @@ def _one_pass(sur: Surrogate, cfg: Objective, plan: schedulers.Plan, from_noise:
 
         z = schedulers.denoise(plan, model_fn, z, step_noise, remat=cfg.remat)
         y = sur.decode(z)
-        tgt = _target_image(batch["x0"], "gray" if cfg.target == "zero" else cfg.target)
+        tgt = common.target_image(batch["x0"], "gray" if cfg.target == "zero" else cfg.target)
         return common.safe_l2(y - tgt)
 
     return one_pass

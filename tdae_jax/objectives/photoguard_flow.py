@@ -15,7 +15,7 @@ Chain: start latent ``(1 - σ_s) z_0 + σ_s ε`` from the posterior sample ``z_0
 ``||D(edit_K(x + delta, e)) - y_tgt||_2`` with y_tgt the mid-gray image (0 in [-1, 1]; ``--target``), as the SD
 version. Each step is ``jax.checkpoint``-ed unless ``cfg.remat`` is off (``--remat``). As the DDIM version, the loss
 is the mean over ``cfg.pgd_grad_reps`` independent passes (PhotoGuard's ``grad_reps``;
-``photoguard.average_over_reps``) and ``cfg.pgd_strength`` (None = 0.6) sets the victim's strength; the Euler
+``common.average_over_reps``) and ``cfg.pgd_strength`` (None = 0.6) sets the victim's strength; the Euler
 flow sampler is deterministic, so ``cfg.pgd_eta`` (DDIM's eta) does not apply here.
 
 ``emb`` is SD3's ``prompt_embeds`` (what DPD perturbs); ``batch["pooled"]`` / ``batch["uncond_pooled"]`` stay fixed.
@@ -28,7 +28,7 @@ import numpy as np
 
 from tdae_jax.configs import Objective
 from tdae_jax.models import flow_match
-from tdae_jax.objectives import common, photoguard
+from tdae_jax.objectives import common
 
 STRENGTH = 0.6  # StableDiffusion3Img2ImgPipeline.__call__ defaults (diffusers 0.39.0), as editors/sd3_img2img.py
 EDITOR_STEPS = 50
@@ -79,7 +79,7 @@ def make_diffusion(sur, cfg: Objective, strength: float | None = None, editor_st
 
         z, _ = jax.lax.scan(jax.checkpoint(denoise) if cfg.remat else denoise, z, jnp.arange(ts.shape[0]))
         y = sur.decode(z)
-        tgt = photoguard._target_image(batch["x0"], "gray" if cfg.target == "zero" else cfg.target)
+        tgt = common.target_image(batch["x0"], "gray" if cfg.target == "zero" else cfg.target)
         return common.safe_l2(y - tgt)
 
-    return photoguard.average_over_reps(one_pass, cfg.pgd_grad_reps, cfg.remat)
+    return common.average_over_reps(one_pass, cfg.pgd_grad_reps, cfg.remat)

@@ -100,15 +100,6 @@ def allgather_json(obj: Any, proc: ProcessInfo) -> list:
     return [json.loads(bytes(allp[i][: int(lengths[i][0])]).decode()) for i in range(proc.count)]
 
 
-def any_true(flags: np.ndarray, proc: ProcessInfo) -> np.ndarray:
-    """Element-wise OR of a bool vector across processes."""
-    if proc.count == 1:
-        return np.asarray(flags, bool)
-    from jax.experimental import multihost_utils
-
-    return np.any(multihost_utils.process_allgather(np.asarray(flags, np.int32)) > 0, axis=0)
-
-
 def barrier(name: str, proc: ProcessInfo) -> None:
     if proc.count > 1:
         from jax.experimental import multihost_utils

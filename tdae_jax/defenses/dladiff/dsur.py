@@ -91,7 +91,7 @@ def noised_pair(vae_sur, x_clean, x_adv, keys, latent_sample: bool = True):
 def _latent(sur, x, keys, latent_sample):
     if not latent_sample:
         return sur.encode(x)
-    mean, std = sur._moments(x)
+    mean, std = sur.moments(x)
     e = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 3), mean.shape[1:], mean.dtype))(keys)
     return (mean + std * e) * sur.static.scaling_factor
 
