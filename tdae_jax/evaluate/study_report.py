@@ -198,8 +198,8 @@ def plot(store: Store, c: StudyConfig, threat: str, grid: list[Cell], path: Path
         ax.set_xticklabels([s.row for s in shown], rotation=45, ha="right")
         ax.set_title(f"{threat}, eps {float(e):g}/255")
         ax.set_ylabel("edit success (%), 95 % CI")
-    axes[0][-1].legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=len(vs), fontsize=7)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
