@@ -37,6 +37,18 @@ def _keys(batch, step=0):
     return prng.image_keys(prng.base_key(0), batch["uid"], step)
 
 
+def _counted_steps(step, st, batch, counter, times):
+    """Runs ``step`` ``times`` times; returns the state, the gradients counted in each call, the last metrics."""
+    counts, m = [], None
+    for _ in range(times):
+        counter.clear()
+        st, m = step(st, batch, prng.base_key(0))
+        jax.block_until_ready(st)
+        jax.effects_barrier()
+        counts.append(len(counter))
+    return st, counts, m
+
+
 def test_tpa_uses_2n_plus_1_gradients_per_step():
     counter = []
     loss = make_loss(counter)
@@ -44,14 +56,8 @@ def test_tpa_uses_2n_plus_1_gradients_per_step():
     for n in (3,):
         init, step = tdae.make_step(loss, budget=configs.Budget(), pgd=configs.PGD(),
                                     tpa=configs.TPA(enabled=True, n=n))
-        step = jax.jit(step)
-        st = init(batch, prng.base_key(0))
-        for _ in range(2):
-            counter.clear()
-            st, m = step(st, batch, prng.base_key(0))
-            jax.block_until_ready(st)
-            jax.effects_barrier()
-            assert len(counter) == 2 * n + 1, (n, len(counter))
+        _, counts, _ = _counted_steps(jax.jit(step), init(batch, prng.base_key(0)), batch, counter, 2)
+        assert counts == [2 * n + 1] * 2, (n, counts)
     # the same counter gives 2 for FDM and 1 for plain PGD (the counting is honest)
     for mode, expect in (("finite_difference", 2), ("off", 1)):
         init, step = tdae.make_step(loss, budget=configs.Budget(), pgd=configs.PGD(), fdm=configs.FDM(mode=mode))
@@ -193,13 +199,8 @@ def test_official_per_image_traces_once_and_2n_plus_1_gradients():
         return step(s, bt, key)
 
     step_j = jax.jit(counted)
-    st = init(batch, prng.base_key(0))
-    for _ in range(3):
-        counter.clear()
-        st, m = step_j(st, batch, prng.base_key(0))
-        jax.block_until_ready(st)
-        jax.effects_barrier()
-        assert len(counter) == 2 * cfg.n + 1, len(counter)
+    st, counts, m = _counted_steps(step_j, init(batch, prng.base_key(0)), batch, counter, 3)
+    assert counts == [2 * cfg.n + 1] * 3, counts
     assert len(traces) == 1  # the momentum state keeps its structure and dtypes: one compilation for the run
     assert bool(jnp.any(st.opt_state[1].trace != 0))  # the trace is carried in ProtectState.opt_state
     for i in range(4):
