@@ -115,13 +115,13 @@ def parse_args(argv=None):
     mem.add_argument("--variant", default="host", choices=VARIANTS)
     mem.add_argument("--tpa-n", type=int, default=10)
     mem.add_argument("--timesteps", type=int, default=1)
-    ho = sub.add_parser("hoist", parents=[common], help="weights closed over (embedded) vs hoisted to arguments")
+    ho = sub.add_parser("weights", parents=[common], help="weights closed over (embedded) vs passed as arguments")
     ho.add_argument("--arch", default="sd15", choices=sorted(ARCHS))
     ho.add_argument("--host", default="pge", choices=HOSTS)
     ho.add_argument("--size", type=int, default=256)
     args = p.parse_args(argv)
     if args.iters is None:
-        args.iters = {"encoder": 5, "tdae": 2, "memory": 0, "hoist": 3}[args.cmd]
+        args.iters = {"encoder": 5, "tdae": 2, "memory": 0, "weights": 3}[args.cmd]
     return args
 
 
@@ -414,14 +414,13 @@ def cmd_tdae(args):
         del combos, params
 
 
-# ---------------------------------------------------------------------------------------------- hoist
-def cmd_hoist(args):
-    """The pipeline's step closes over the surrogate. Plain ``jax.jit`` embeds the weights in the program;
-    ``Protector`` hoists them to arguments (tdae_jax/parallel/hoist.py). Compile time, program size,
-    compiled memory and step time of both, side by side."""
+# ---------------------------------------------------------------------------------------------- weights
+def cmd_weights(args):
+    """How the weights reach the compiled step. Plain ``jax.jit`` of a step that closes over the surrogate
+    embeds the weights in the program; ``Protector`` builds the step from the surrogate inside the trace, so the
+    weights are an argument with explicit shardings (tdae_jax/protect.py). Compile time, program size, compiled
+    memory and step time of both, side by side."""
     import jax
-
-    from tdae_jax.parallel import hoist
 
     machine_report()
     key = jax.random.key(args.seed)
@@ -429,12 +428,12 @@ def cmd_hoist(args):
     batch = host_batch(args.size, args.seed)
     init, step = make_bench_step(static, args.host, "host")
     state0 = init(batch)
-    closed = lambda st, b, k: step(params, st, b, k)  # noqa: E731  (what the pipeline's objective does)
-    fh, consts = hoist.hoist(closed, state0, batch, key)
-    print(f"# {args.arch} {args.host} {args.size}px: {len(consts)} hoisted weights, "
-          f"{sum(c.nbytes for c in consts) / 2**20:.1f} MiB", flush=True)
+    closed = lambda st, b, k: step(params, st, b, k)  # noqa: E731  (a step that closes over the weights)
+    as_argument = lambda st, b, k, p: step(p, st, b, k)  # noqa: E731  (Protector: the model is an argument)
+    print(f"# {args.arch} {args.host} {args.size}px: {len(jax.tree.leaves(params))} weights, "
+          f"{sum(a.nbytes for a in jax.tree.leaves(params)) / 2**20:.1f} MiB", flush=True)
     variants = {"embedded (jit of the closure)": (jax.jit(closed), ()),
-                "hoisted (Protector)": (jax.jit(fh), tuple(consts))}
+                "argument (Protector)": (jax.jit(as_argument), (params,))}
     rows = []
     for name, (fn, extra) in variants.items():
         t0 = time.perf_counter()
@@ -491,7 +490,7 @@ def main(argv=None):
     args = parse_args(argv)
     setup_jax(args)
     t0 = time.perf_counter()
-    {"encoder": cmd_encoder, "tdae": cmd_tdae, "memory": cmd_memory, "hoist": cmd_hoist}[args.cmd](args)
+    {"encoder": cmd_encoder, "tdae": cmd_tdae, "memory": cmd_memory, "weights": cmd_weights}[args.cmd](args)
     end_report(t0)
 
 

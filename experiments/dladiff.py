@@ -5,17 +5,18 @@ Anti-DreamBooth baselines (ASPL, FSMG).
     python -m experiments.dladiff --flagfile=experiments/flags/dladiff_layer1.flags \
         --images=ids/n000050/set_B --clean_images=ids/n000050/set_A --weights_dir=/models/sd21base
 
-All inputs of a run are one identity. Exit code: 0 every input protected, 1 some inputs failed (the others
-are done), 2 usage error. Re-running with the same --workdir resumes (done images are skipped; ADFT resumes
+All inputs of a run are one identity. --images is required; --weights_dir is required for layer 1 above 64 px
+(--weights_dir=tiny: the built-in random tiny SD model, plumbing only; layer 2 alone loads no SD model).
+Exit code: 0 every input protected, 1 some inputs failed (the others are done), 2 usage error (one line,
+nothing written). Re-running with the same --workdir resumes (done images are skipped; ADFT resumes
 from its last epoch checkpoint when --ckpt_every > 0).
 """
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from experiments import common
 
@@ -23,46 +24,64 @@ FLAGS = flags.FLAGS
 
 
 SHARED = ("images", "workdir", "weights_dir", "surrogate", "seed", "size", "resize", "num_devices", "ckpt_every",
-          "memory_efficient_attention", "dtype", "retry_failed", "report")
+          "memory_efficient_attention", "dtype", "retry_failed", "report", "overwrite")
+
+
+COMMAND = "experiments.dladiff"
 
 
 def _define(kind: str, name: str, default, *args):
     """Define a flag once. The IO flags (``SHARED``) mean the same in experiments.tdae: when both modules are
     imported in one process (the test suite) whichever comes first defines them, and ours allow the other's
     definition to replace them (the flagfiles set every value they rely on). ``args``: the help string
-    (enum: the choices, then the help string)."""
+    (enum: the choices, then the help string). Either way the flag is listed in this command's ``--help``."""
+    common.listed(name)
     if name in FLAGS:
         return
     common.track(getattr(flags, f"DEFINE_{kind}"))(name, default, *args, allow_override=name in SHARED)
 
 
 def define_flags():
-    # shared IO flags
-    _define("string", "images", "", "Folder or glob of one identity's photos to protect. Empty = the shipped samples.")
-    _define("string", "workdir", "runs/dladiff", "Output folder (never an input folder).")
-    _define("string", "weights_dir", "", "Local diffusers-format SD directory; empty = built-in tiny surrogate.")
-    _define("enum", "surrogate", "sd", ["sd", "ip2p", "inpaint", "sd3"], "Surrogate family (DLADiff: sd).")
+    common.section(COMMAND, "inputs")
+    _define("string", "images", "", "Folder or glob of one identity's photos to protect (required); pkg:samples = "
+            "the shipped sample photos.")
+    _define("string", "clean_images", "", "Extra clean photos of the identity (set_A); X_clean = these + inputs.")
+    _define("string", "prompt", "a photo of sks person", "Instance prompt (DLADiff §3.2).")
+    common.section(COMMAND, "method")
+    _define("enum", "method", "dladiff", ["dladiff", "aspl", "fsmg", "none"], "Layer 1 (none = layer 2 alone).")
+    _define("bool", "layer2", False, "Add DLADiff's anti-zero-shot identity layer (after layer 1).")
     _define("integer", "seed", 0, "Base PRNG seed; keys are derived per image id and step.")
+    common.section(COMMAND, "model")
+    _define("string", "weights_dir", "", "Local diffusers-format SD directory (layer 1's surrogate) or tiny (the "
+            f"built-in random tiny SD model: plumbing only, layer 1 then at 32 px); required for layer 1 above "
+            f"{common.TINY_MAX_SIZE} px.")
+    _define("enum", "surrogate", "sd", ["sd", "ip2p", "inpaint", "sd3"], "Surrogate family (DLADiff: sd).")
+    _define("bool", "memory_efficient_attention", False, common.MEA_HELP)
+    _define("enum", "dtype", "float32", common.DTYPES, common.DTYPE_HELP)
+    common.section(COMMAND, "compute")
     _define("integer", "size", 512, "Working resolution (multiple of 8).")
     _define("enum", "resize", "center_crop", ["none", "center_crop", "resize", "pad"], "Input -> working size.")
     _define("integer", "num_devices", 0, "Devices in the data mesh; 0 = all.")
-    _define("bool", "memory_efficient_attention", False, common.MEA_HELP)
-    _define("enum", "dtype", "float32", common.DTYPES, common.DTYPE_HELP)
+    common.section(COMMAND, "output")
+    _define("string", "workdir", "runs/dladiff", "Output folder (never an input folder).")
     _define("integer", "ckpt_every", 0, "Orbax checkpoint every k ADFT epochs (0 = off).")
     _define("bool", "retry_failed", False, "On resume, retry inputs that failed before.")
+    _define("bool", "overwrite", False, "Start the workdir afresh (its previous outputs removed); without it a "
+            "workdir made with other settings is refused (exit 2). Not saved in flags.flags.")
     _define("bool", "report", True, "Write report.html.")
-    # what to run
-    _define("enum", "method", "dladiff", ["dladiff", "aspl", "fsmg", "none"], "Layer 1 (none = layer 2 alone).")
-    _define("bool", "layer2", False, "Add DLADiff's anti-zero-shot identity layer (after layer 1).")
-    _define("string", "clean_images", "", "Extra clean photos of the identity (set_A); X_clean = these + inputs.")
-    _define("string", "prompt", "a photo of sks person", "Instance prompt (DLADiff §3.2).")
-    # DSUR / FSMG surrogate fine-tuning
+    _define_layer1()
+    _define_layer2()
+    common.section("", "")
+
+
+def _define_layer1():
+    common.section(COMMAND, "layer 1: surrogate fine-tuning (DSUR / FSMG)")
     _define("integer", "static_steps", 400, "DSUR / FSMG surrogate DreamBooth steps.")
     _define("float", "static_lr", 5e-6, "DSUR learning rate (Adam).")
     _define("integer", "static_batch", 4, "DSUR batch size.")
     _define("float", "max_grad_norm", 1.0, "Gradient clipping of every fine-tuning (<= 0: off).")
     _define("bool", "latent_sample", True, "z0 = VAE posterior sample (diffusers) instead of the mean.")
-    # ADFT
+    common.section(COMMAND, "layer 1: budget and optimizer (ADFT)")
     _define("float", "eps_ft", 7.0 / 255.0, "Layer-1 L_inf budget in [0,1] units.")
     _define("float", "step_ft", 5e-3, "Layer-1 PGD step in [0,1] units.")
     _define("integer", "epochs", 50, "ADFT epochs iter_opt (ASPL: outer epochs).")
@@ -77,13 +96,23 @@ def define_flags():
     _define("float", "w_cross", 1.0, "Weight of the cross-attention term.")
     _define("float", "w_self", 1.0, "Weight of the self-attention term.")
     _define("enum", "update", "sign", ["sign", "raw"], "PGD update: sign (project default) or raw gradient.")
-    # baselines
+    common.section(COMMAND, "layer 1: Anti-DreamBooth baselines (ASPL / FSMG)")
     _define("integer", "aspl_clean_steps", 3, "ASPL: surrogate-copy steps on clean photos per epoch.")
     _define("integer", "aspl_pgd_steps", 6, "ASPL: PGD steps per epoch.")
     _define("integer", "aspl_adv_steps", 3, "ASPL: training steps on the perturbed photos per epoch.")
     _define("integer", "fsmg_steps", 100, "FSMG: PGD steps against the fixed surrogate.")
     _define("float", "baseline_lr", 5e-7, "ASPL training learning rate (AdamW).")
-    # layer 2
+    _define("bool", "aspl_train_text_encoder", False, "ASPL: train the text encoder too (Anti-DreamBooth: true).")
+    _define("float", "aspl_prior_weight", 0.0, "ASPL: prior-preservation weight (Anti-DreamBooth: 1.0; > 0 samples "
+            "--aspl_num_class_images class images of 'a photo of person' from the surrogate).")
+    _define("integer", "aspl_num_class_images", 200, "ASPL: class images for the prior term.")
+    _define("integer", "aspl_class_steps", 50, "ASPL: DDIM steps per class image.")
+    _define("float", "baseline_step", 2.5e-3, "ASPL / FSMG PGD step in [0,1] units (Anti-DreamBooth --pgd_alpha "
+            "5e-3 on [-1,1] pixels); their budget is --eps_ft.")
+
+
+def _define_layer2():
+    common.section(COMMAND, "layer 2: budget and optimizer (anti-zero-shot)")
     _define("float", "eps_zs", 11.0 / 255.0, "Layer-2 L_inf budget in [0,1] units.")
     _define("float", "step_zs", 8e-4, "Layer-2 PGD step in [0,1] units.")
     _define("integer", "zs_max_steps", 1000, "Layer-2 step limit.")
@@ -92,6 +121,7 @@ def define_flags():
     _define("float", "zs_jitter_linear", 0.01, "Std of the alignment jitter on the 2x2 part.")
     _define("float", "zs_jitter_translation", 1.0, "Std of the alignment jitter on the translation (px).")
     _define("enum", "zs_space", "aligned", ["aligned", "image"], "Where delta_zs lives.")
+    common.section(COMMAND, "layer 2: identity encoders and landmarks")
     _define("list", "encoders", ["dlib"], "Identity encoders: dlib, onnx:<path.onnx> (insightface ArcFace), "
             "iresnet18/34/50/100 (random init unless --encoder_params), iresnet_tiny.")
     _define("list", "encoder_params", [], "name=path.msgpack Flax params for IResNet encoders.")
@@ -104,24 +134,30 @@ define_flags()
 
 
 def config_from_flags(F):
-    from tdae_jax.data import io as dio
-    from tdae_jax.defenses.dladiff import adft, baselines, dsur, run, zeroshot
+    """The flags as a ``DLADiffRunConfig`` (``ValueError``: a usage error); ``--weights_dir=tiny`` -> ``""``."""
+    from tdae_jax.defenses.dladiff import adft, baselines, dsur, zeroshot
+    from tdae_jax.runs import dladiff as run
 
     if F.surrogate != "sd" and F.method != "none":
-        raise ValueError(f"DLADiff protects against Stable Diffusion fine-tuning: --surrogate must be sd, got {F.surrogate}")
+        raise ValueError("DLADiff protects against Stable Diffusion fine-tuning: --surrogate must be sd, got "
+                         f"{F.surrogate}")
     return run.DLADiffRunConfig(
-        images=F.images or str(dio.sample_dir()), workdir=F.workdir, clean_images=F.clean_images,
-        weights_dir=F.weights_dir, surrogate=F.surrogate, method=F.method, layer2=F.layer2, prompt=F.prompt,
+        images=common.resolve_package_path(F.images), workdir=F.workdir,
+        clean_images=common.resolve_package_path(F.clean_images),
+        weights_dir=common.resolve_weights(F.weights_dir), surrogate=F.surrogate, method=F.method, layer2=F.layer2,
+        prompt=F.prompt,
         static=dsur.static_config(F.static_steps, F.static_lr, F.static_batch, F.max_grad_norm, F.latent_sample),
         adft=adft.ADFTConfig(eps=F.eps_ft, step_size=F.step_ft, epochs=F.epochs, iter1=F.iter1, iter2=F.iter2,
                              iter3=F.iter3, lr=F.adft_lr, weight_decay=F.adft_wd, max_grad_norm=F.max_grad_norm,
                              w_cross=F.w_cross, w_self=F.w_self, update=F.update, latent_sample=F.latent_sample),
         att_resolution=F.att_resolution, att_layers=tuple(F.att_layers), att_kinds=tuple(F.att_kinds),
         baseline=baselines.BaselineConfig(
-            method=F.method if F.method in ("aspl", "fsmg") else "aspl", eps=F.eps_ft, step_size=F.step_ft,
+            method=F.method if F.method in ("aspl", "fsmg") else "aspl", eps=F.eps_ft, step_size=F.baseline_step,
             epochs=F.epochs, clean_steps=F.aspl_clean_steps,
             pgd_steps=F.fsmg_steps if F.method == "fsmg" else F.aspl_pgd_steps, adv_steps=F.aspl_adv_steps,
-            lr=F.baseline_lr, max_grad_norm=F.max_grad_norm, latent_sample=F.latent_sample, update=F.update),
+            lr=F.baseline_lr, max_grad_norm=F.max_grad_norm, latent_sample=F.latent_sample, update=F.update,
+            train_text_encoder=F.aspl_train_text_encoder, prior_weight=F.aspl_prior_weight,
+            num_class_images=F.aspl_num_class_images, class_steps=F.aspl_class_steps, prompt=F.prompt),
         zs=zeroshot.ZSConfig(eps=F.eps_zs, step_size=F.step_zs, max_steps=F.zs_max_steps, threshold=F.zs_threshold,
                              check_every=F.zs_check_every, jitter_linear=F.zs_jitter_linear,
                              jitter_translation=F.zs_jitter_translation, space=F.zs_space),
@@ -129,25 +165,40 @@ def config_from_flags(F):
         detector=F.detector, missing_face=F.missing_face, size=None if F.resize == "none" else F.size,
         resize=F.resize, seed=F.seed, num_devices=F.num_devices or None, ckpt_every=F.ckpt_every,
         memory_efficient_attention=F.memory_efficient_attention, dtype=F.dtype,
-        retry_failed=F.retry_failed, report=F.report)
+        retry_failed=F.retry_failed, report=F.report, overwrite=F.overwrite)
+
+
+INSTEAD = ("python -m experiments.dladiff --flagfile=experiments/flags/dladiff_layer1.flags --images=DIR "
+           "--weights_dir=<SD-2.1-base directory> (--images=pkg:samples --weights_dir=tiny: a plumbing check on "
+           "the shipped samples)")
 
 
 def main(argv):
+    """Flags -> ``DLADiffRunConfig`` -> ``run.run``; the usage errors (exit 2) come before anything is written."""
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from tdae_jax.defenses.dladiff import run
+        return common.usage_error(f"unexpected arguments: {argv[1:]}")
+    from tdae_jax.runs import dladiff as run
+    from tdae_jax.runs import errors
 
     try:
         cfg = config_from_flags(FLAGS)
+        common.require_images(FLAGS, INSTEAD)
+        common.require_weights(FLAGS, needs_model=FLAGS.method != "none")
     except (ValueError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return common.usage_error(e)
+    log = logging.getLogger("tdae_jax").info
+    if FLAGS.method != "none":
+        log(f"layer 1 ({FLAGS.method}): loading the SD surrogate from {FLAGS.weights_dir or common.TINY}, then "
+            "compiling (the first progress line includes the compilation)")
     try:
-        result = run.run(cfg, progress=logging.getLogger("tdae_jax").info)
+        result = run.run(cfg, progress=log)
+        common.write_flagfile(FLAGS, Path(cfg.workdir) / "flags.flags")
     except run.UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    common.write_flagfile(FLAGS, Path(cfg.workdir) / "flags.flags")
+        return common.usage_error(e)
+    except errors.RunError as e:  # the workdir became unwritable: re-running resumes
+        return common.run_error(e)
+    except OSError as e:  # flags.flags could not be written
+        return common.run_error(errors.write_failure(cfg.workdir, "flags.flags", e))
     return common.summarize(result, cfg.workdir)
 
 

@@ -46,6 +46,12 @@ flags.DEFINE_string("timing_host", "pgd", "Host of the seconds-per-iteration tab
 flags.DEFINE_integer("timing_iters", 5, "Timed iterations per variant (after a warm-up); 0 = no timing table.")
 flags.DEFINE_bool("report_only", False, "Write the page from the cells already in --study_dir; compute nothing.")
 flags.DEFINE_bool("quick", False, "A few pairs, two rows, one budget, one victim: the plumbing check CI runs.")
+common.help_groups("experiments.reproduce", {
+    "world": ["world", "world_seed", "pairs", "edit_kinds", "scene_objects"],
+    "models": ["surrogate_model", "ip2p_victims", "sdedit_victims", "sdedit_strength", "victim_steps"],
+    "grid": ["rows", "budgets", "threats", "purifiers", "beta_sweep"],
+    "optimizer": ["pgd_iterations", "pgd_denoise_steps", "protect_batch"],
+    "output": ["study_dir", "page", "timing_host", "timing_iters", "report_only", "quick"]})
 
 QUICK = dict(n=8, rows=("noise", "pgd"), eps=(16,), threats=("blind",), victims=("ip2p_a",), sdedit_victims=(),
              purifiers=("jpeg75",), steps=2, edit_steps=4, batch_size=8)

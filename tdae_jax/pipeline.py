@@ -1,48 +1,50 @@
 """Protect a folder of images: the library side of ``python -m experiments.tdae``.
 
-Data flow (docs/design.md): list + validate inputs -> manifest (resumable) -> surrogate -> objective ->
-defense step (compiled once, sharded) -> budget-exact PNGs -> metrics.jsonl/csv -> report.html.
+Data flow (docs/design.md): validate the flags -> list inputs and prompts (read-only checks) -> workdir preflight
+(lock, recorded settings) -> surrogate -> workdir opened (lock held, manifest) -> objective -> defense step
+(compiled once, sharded) -> budget-exact PNGs -> metrics.jsonl/csv -> report.html. :func:`run` is that sequence of
+calls, in the manner of Flax's ``train_and_evaluate`` (google/flax ``examples/imagenet/train.py``); the workdir
+pieces are ``tdae_jax/runs/``.
 
-Failure policy: an input that cannot be read or optimised is marked ``failed`` with a message naming
-the file and the problem; the others are still processed; the caller turns ``RunResult.failed`` into
-exit code 1. A problem with the run itself (flags, weights, no inputs, workdir inside an input
-folder) raises ``UsageError`` before anything is written (exit code 2). Originals are only read.
+Failure policy: an input that cannot be read or optimised (or whose result is non-finite) is marked ``failed``
+with a message naming the file and the problem; the others are still processed; the caller turns
+``RunResult.failed`` into exit code 1. A problem with the run itself (flags, weights, no inputs, workdir inside an
+input folder, a workdir locked by another run or made with other settings) raises ``UsageError`` before anything
+is created in the workdir (exit code 2). A workdir that becomes unwritable (disk full) raises ``RunError``
+(exit code 1; re-running resumes). Originals are only read.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
-import subprocess
 import time
 from pathlib import Path
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
-from tdae_jax import checkpoint, configs, objectives, prng
+from tdae_jax import checkpoint, configs, objectives, prng, runtime
 from tdae_jax import eot as eot_lib
 from tdae_jax.data import io as dio
-from tdae_jax.data.manifest import Manifest, find_prompt
+from tdae_jax.data.manifest import find_prompt
 from tdae_jax.defenses import tdae as tdae_defense
-from tdae_jax.metrics import image as image_metrics
-from tdae_jax.metrics import report
 from tdae_jax.parallel import mesh as meshlib
 from tdae_jax.parallel import multihost
 from tdae_jax.protect import Protector
+from tdae_jax.runs import batches as run_batches
+from tdae_jax.runs import finish as run_finish
+from tdae_jax.runs import inputs as run_inputs
+from tdae_jax.runs import report as run_report
+from tdae_jax.runs.errors import RunError, UsageError  # noqa: F401 - part of this module's API
+from tdae_jax.runs.workdir import Workdir
 
 log = logging.getLogger("tdae_jax")
+REEXPORTED = (RunError,)  # pipeline.RunError (experiments/)
 
 DEFENSES = ("none", "fdm", "dpd", "tdae", "tpa")
 DTYPES = ("float32", "bfloat16")  # surrogate compute dtypes (--dtype)
-
-
-class UsageError(ValueError):
-    """The run cannot start (bad flags, weights, inputs or workdir): exit code 2."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +64,7 @@ class RunConfig:
     batch_size: int = 1
     seed: int = 0
     size: int | None = 256
-    resize: str = "center_crop"
+    resize: str = "resize"  # the whole frame (data/io.py RESIZE_MODES); center_crop leaves the borders unprotected
     num_devices: int | None = None
     model_parallel: int = 1  # size of the "model" mesh axis; > 1 splits the surrogate's params (sd3)
     memory_efficient_attention: bool = False  # chunked UNet attention (Surrogate.memory_efficient)
@@ -78,6 +80,10 @@ class RunConfig:
     preview_steps: int = 20
     preview_guidance: float = 7.5
     preview_image_guidance: float = 1.5
+    overwrite: bool = False  # start the workdir afresh (its previous outputs removed once the lock is held)
+    output_format: str = "png"  # "png" | "webp" (lossless): data/io.py OUTPUT_FORMATS
+    keep_metadata: bool = False  # copy the input's EXIF (orientation 1) into the output; the ICC profile always is
+    memory_limit_gib: float = 0.0  # refuse a step that needs more (XLA's estimate); 0 = the device's own memory
 
     def defense_configs(self):
         """(fdm, tpa, dpd) as selected by ``defense`` (the flags' fdm_mode etc. fill in the details)."""
@@ -99,8 +105,49 @@ def validate(cfg: RunConfig) -> None:
     DPD (``--defense=dpd|tdae``) with a host that ignores the text condition (the PhotoGuard encoder attacks:
     DPD's text gradient is 0, so PGE + TDAE would silently be PGE + FDM); a non-default ``--target`` for a host
     that has no image target, or an unknown one; FDM's finite difference on a bfloat16 surrogate (the probe is
-    below bf16 resolution: defenses/fdm.py, "Precision").
+    below bf16 resolution: defenses/fdm.py, "Precision"). Before those, the values themselves: a NaN or infinite
+    float flag; ``--steps``/``--batch_size`` below 1; ``--eps`` outside (0, 1]; ``--step_size`` <= 0; ``--size``
+    not a positive multiple of 8 and of the surrogate's own multiple (``weights.size_multiple``: VAE x UNet
+    downsampling, from the configs in ``--weights_dir``); a ``--workdir`` that is (or lies under) a file or an
+    unwritable folder (``data/io.py check_workdir``: stats only). Pure: reads two config files at most, writes nothing.
     """
+    _check_values(cfg)
+    try:
+        dio.check_workdir(cfg.workdir)
+    except dio.DataError as e:
+        raise UsageError(str(e)) from e
+    _check_host(cfg)
+
+
+def _check_values(cfg: RunConfig) -> None:
+    """The flag values themselves: finite floats, ranges, the working size's multiple (:func:`validate`)."""
+    from tdae_jax.models import weights
+
+    floats = {f"--{k}" if part in ("", "objective", "budget", "pgd") else f"--{part}_{k}": v
+              for part in ("", "objective", "budget", "pgd", "fdm", "tpa", "dpd")
+              for k, v in vars(getattr(cfg, part) if part else cfg).items() if isinstance(v, float)}
+    bad = [f"{k}={v}" for k, v in floats.items() if not np.isfinite(v)]
+    if bad:
+        raise UsageError(f"{', '.join(bad)}: must be a finite number")
+    need = [("--steps", cfg.pgd.steps, cfg.pgd.steps >= 1, "an integer >= 1"),
+            ("--batch_size", cfg.batch_size, cfg.batch_size >= 1, "an integer >= 1"),
+            ("--eps", cfg.budget.eps, 0 < cfg.budget.eps <= 1, "in (0, 1], a fraction of the [0, 1] range"),
+            ("--step_size", cfg.pgd.step_size, cfg.pgd.step_size > 0, "> 0, in [0, 1] pixel units"),
+            ("--output_format", cfg.output_format, cfg.output_format in dio.OUTPUT_FORMATS,
+             f"one of {', '.join(dio.OUTPUT_FORMATS)}")]
+    bad = [f"{flag}={v} must be {what}" for flag, v, ok, what in need if not ok]
+    if bad:
+        raise UsageError("; ".join(bad))
+    if cfg.resize != "none":
+        own = weights.size_multiple(cfg.weights_dir, cfg.surrogate) if cfg.weights_dir else None
+        mult = int(np.lcm(dio.MULTIPLE, own or 1))
+        if not isinstance(cfg.size, int) or cfg.size <= 0 or cfg.size % mult:
+            raise UsageError(f"--size={cfg.size} must be a positive multiple of {mult} (the {cfg.surrogate} "
+                             "surrogate's VAE and denoiser downsampling)")
+
+
+def _check_host(cfg: RunConfig) -> None:
+    """The host, its target and the defense parts it can run (:func:`validate`)."""
     fdm, _, dpd = cfg.defense_configs()
     name, target = cfg.objective.name, cfg.objective.target
     if name not in objectives.NAMES:
@@ -146,21 +193,32 @@ def effective(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, fdm=fdm, tpa=tpa, dpd=dpd, pgd=pgd, objective=obj)
 
 
+# RunConfig fields that do not change the protected images, left out of the settings a workdir records:
+# where inputs and outputs live (the inputs are tracked per manifest entry: source path, its sha256, the prompt
+# used), how the work is laid out (results do not depend on batch layout or device count, docs/design.md
+# conventions 3-5; chunked attention is the same function), and what is logged or reported.
+RUN_ONLY = ("images", "prompts", "workdir", "batch_size", "num_devices", "model_parallel",
+            "memory_efficient_attention", "ckpt_every", "retry_failed", "report", "log_every", "preview_edit",
+            "preview_steps", "preview_guidance", "preview_image_guidance", "overwrite", "memory_limit_gib")
+
+
+def settings(ran: RunConfig) -> dict:
+    """The settings that determine the protected images (``ran`` = :func:`effective` of the flags, minus
+    :data:`RUN_ONLY`), as the manifest records them: re-running a workdir with others is a ``UsageError``."""
+    out = {k: v for k, v in dataclasses.asdict(ran).items() if k not in RUN_ONLY}
+    for k, default in (("output_format", "png"), ("keep_metadata", False)):  # recorded when not the default:
+        if out[k] == default:  # workdirs made before these settings existed still resume
+            out.pop(k)
+    out["weights_dir"] = str(Path(ran.weights_dir).expanduser().resolve()) if ran.weights_dir else ""
+    return out
+
+
 @dataclasses.dataclass
 class RunResult:
     done: list[str]
     failed: list[str]
     skipped: list[str]
     rows: list[dict]
-
-
-def git_revision() -> str:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    except Exception:  # noqa: BLE001 - not a git checkout (installed package)
-        return "unknown"
 
 
 @functools.lru_cache(maxsize=4)
@@ -213,24 +271,75 @@ def _prompt_for(entry: dict | None, family: str, default: str) -> str:
 
 
 def run(cfg: RunConfig, progress: Callable[[str], None] = log.info) -> RunResult:
+    """Protects ``cfg.images`` into ``cfg.workdir`` (module docstring); resumes what the workdir already holds.
+
+    Every ``UsageError`` is raised before anything is created in the workdir; ``RunError`` when it becomes
+    unwritable. The settings that determine the outputs (:func:`settings`) are recorded in the manifest.
+    """
     validate(cfg)  # flag errors first: nothing is read or written before them
-    ran = effective(cfg)  # what runs (written to config.json and report.html)
-    workdir = Path(cfg.workdir).expanduser().resolve()  # relative --workdir: relative to the current directory
+    ran = effective(cfg)  # what runs (config.json, report.html, the recorded settings)
+    plan = _plan(cfg)
+    wd = Workdir(cfg.workdir, plan.proc)
+    wd.preflight(settings(ran), overwrite=cfg.overwrite)
+    sur = _surrogate(cfg, plan.mesh)
+    protector, embed = _engine(cfg, ran, sur, plan)
+    _check_memory(cfg, sur, embed, protector, progress)
+    with wd.open(settings(ran), overwrite=cfg.overwrite) as manifest:
+        with wd.writing("manifest.json"):
+            sel = run_inputs.select(manifest, plan.paths, plan.prompt_problems, plan.proc,
+                                    retry_failed=cfg.retry_failed, failures=plan.failures)
+            loaded = run_inputs.load(sel, manifest, size=cfg.size, resize=cfg.resize)
+        _announce(cfg, loaded)
+        if sel.skipped:
+            progress(f"resuming: {len(sel.skipped)} of {sel.total} inputs already done or failed (not retried)")
+        protect = _protect_fn(cfg, ran, sur, plan, wd, loaded, protector, embed)
+        work = run_inputs.batches(loaded, protector.local_batch_size, plan.proc)
+        finish = functools.partial(_finish, wd, manifest, loaded, cfg)
+        curves = run_batches.run(wd, manifest, work, protect, finish,
+                                 run_batches.Clock(len(work), cfg.pgd.steps, progress))
+        entries = run_report.merged_entries(manifest, sel.owned, plan.proc)
+        rows = [run_report.row(e) for e in entries]
+        if plan.proc.is_main:
+            _write_outputs(cfg, ran, wd, entries, rows, curves, sur)
+        multihost.barrier("tdae_jax/pipeline/done", plan.proc)
+    return RunResult(done=[e["id"] for e in entries if e["status"] == "done"],
+                     failed=[e["id"] for e in entries if e["status"] == "failed"], skipped=sel.skipped, rows=rows)
+
+
+@dataclasses.dataclass
+class Plan:
+    """What a run reads, checked before anything is written: inputs, prompts, EOT, mesh, this process."""
+
+    paths: list
+    prompts: dict
+    prompt_problems: list
+    failures: list  # (id, message, source): rejected entries and unusable prompt rows, recorded as failed rows
+    eot: tuple
+    mesh: jax.sharding.Mesh
+    proc: multihost.ProcessInfo
+
+
+def _plan(cfg: RunConfig) -> Plan:
+    """Lists the inputs and reads the prompts; every problem is a ``UsageError`` (nothing written)."""
+    workdir = Path(cfg.workdir).expanduser().resolve()
     try:
-        paths = dio.list_images(cfg.images)
+        folder = Path(cfg.images).expanduser()
+        if folder.is_dir():  # a workdir in (or equal to) the input folder, refused before its outputs are excluded
+            dio.check_output_dir(workdir, [folder])
+        listing = dio.list_inputs(cfg.images, exclude=workdir)
+        paths = listing.paths
+        dio.check_output_dir(workdir, sorted({p.parent for p in paths}))
+        prompts, problems = dio.load_prompts(cfg.prompts, image_paths=paths) if cfg.prompts else ({}, [])
     except (dio.DataError, OSError) as e:
         raise UsageError(str(e)) from e
-    try:
-        dio.check_output_dir(workdir, sorted({p.parent for p in paths}))
-    except dio.DataError as e:
-        raise UsageError(str(e)) from e
-    prompts, prompt_problems = {}, []
-    if cfg.prompts:
-        try:
-            prompts, prompt_problems = dio.load_prompts(cfg.prompts, image_paths=paths)
-        except (dio.DataError, OSError) as e:
-            raise UsageError(str(e)) from e
-    fdm, tpa, dpd = ran.fdm, ran.tpa, ran.dpd
+    if listing.warning():
+        log.warning("%s", listing.warning())
+    # entries that must not be inputs (a link to one of the run's outputs) and prompt rows naming no listed input
+    # become failed rows of their own, named in the manifest, metrics and report (runs/inputs.py select)
+    failures = [(f"{run_inputs.INPUT_ROW}{q.name}", f"{q}: {why}", q) for q, why in listing.rejected]
+    for key, problem in dio.unlisted_prompt_images(prompts, paths).items():
+        prompts.pop(key)
+        failures.append((f"{run_inputs.PROMPT_ROW}{key}", problem, cfg.prompts))
     try:
         eot_transforms = eot_lib.parse_transforms(cfg.eot)
         if cfg.eot_samples < 1:
@@ -244,230 +353,193 @@ def run(cfg: RunConfig, progress: Callable[[str], None] = log.info) -> RunResult
     if cfg.model_parallel > 1 and cfg.surrogate != "sd3":
         raise UsageError(f"--model_parallel={cfg.model_parallel}: parameter sharding is implemented for the sd3 "
                          f"surrogate (SD3.5-large); {cfg.surrogate} fits one device, use data parallelism")
-    sur = load_surrogate(cfg)
-    if cfg.model_parallel > 1:
-        sur = sur.shard(mesh)  # transformer split over "model", the rest replicated (models/sd3.py)
     proc = multihost.info()
     if proc.count > 1 and cfg.resize == "none":
         raise UsageError("multi-process runs need one working size for every image: use --resize other than none")
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "protected").mkdir(exist_ok=True)
-    if proc.is_main:
-        (workdir / "git_revision.txt").write_text(git_revision() + "\n")
-    # one manifest per process (ids are the same everywhere: every process registers every path)
-    manifest = Manifest(workdir / ("manifest.json" if proc.count == 1 else f"manifest.p{proc.index}.json"))
-    entries = manifest.sync(paths)
-    # process p owns every P-th input (sorted order): a disjoint, deterministic shard
-    owned = {e["id"] for k, e in enumerate(entries) if k % proc.count == proc.index}
-    bad_prompt = {}  # source path -> problem, for rows that name an existing input but are unusable
-    for problem in prompt_problems:
-        log.error("prompts: %s", problem)
-        if problem.path is not None and Path(problem.path).exists():
-            bad_prompt[str(Path(problem.path).resolve())] = str(problem)
-        else:  # the row names no existing image: it is a failed input of its own
-            manifest.add_failure(f"prompt:{problem.key or problem.line}", str(problem), source=problem.file)
+    return Plan(paths, prompts, problems, failures, eot_transforms, mesh, proc)
 
-    loss_fn = objectives.make_objective(cfg.objective.name, sur, cfg.objective)
-    loss_fn = eot_lib.wrap_objective(loss_fn, eot_transforms, cfg.eot_samples)  # identity when --eot is empty
-    pgd_cfg = ran.pgd
-    if pgd_cfg.random_start != cfg.pgd.random_start:
+
+def _surrogate(cfg: RunConfig, mesh):
+    sur = load_surrogate(cfg)
+    if cfg.model_parallel > 1:
+        sur = sur.shard(mesh)  # transformer split over "model", the rest replicated (models/sd3.py)
+    return sur
+
+
+def _engine(cfg: RunConfig, ran: RunConfig, sur, plan: Plan) -> tuple[Protector, Callable | None]:
+    """The objective (with EOT) and the defense's step, built from the surrogate inside the trace and bound to the
+    mesh by a :class:`Protector` (the surrogate is an argument of the compiled step, compiled at its first batch),
+    and the text encoder of text hosts; a setting they refuse is a ``UsageError`` (nothing written)."""
+    def build(model):
+        loss_fn = objectives.make_objective(cfg.objective.name, model, cfg.objective)
+        loss_fn = eot_lib.wrap_objective(loss_fn, plan.eot, cfg.eot_samples)  # identity when --eot is empty
+        return tdae_defense.make_step(loss_fn, budget=cfg.budget, pgd=ran.pgd, fdm=ran.fdm, tpa=ran.tpa, dpd=ran.dpd)
+
+    try:
+        build(sur)  # the refusals of the objective and the defense, here (closures only: nothing is traced)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    if ran.pgd.random_start != cfg.pgd.random_start:
         log.info("objective %s has a zero gradient at delta=0: random start U(-eps/4, eps/4)", cfg.objective.name)
-    init_fn, step_fn = tdae_defense.make_step(loss_fn, budget=cfg.budget, pgd=pgd_cfg, fdm=fdm, tpa=tpa, dpd=dpd)
-    protector = Protector(init_fn, step_fn, mesh, cfg.batch_size)
+    embed = jax.jit(sur.embed_ids) if objectives.uses_text(cfg.objective.name) else None
+    return Protector(build, sur, plan.mesh, cfg.batch_size), embed
+
+
+def _check_memory(cfg: RunConfig, sur, embed, protector: Protector, progress: Callable[[str], None]) -> None:
+    """Compiles the step for the run's working shape before the workdir exists, and refuses (``UsageError``) one
+    whose compiled memory (XLA's analysis, per device: arguments + outputs + temporaries) exceeds the device's
+    memory or ``--memory_limit_gib``, naming what would fit. With ``--resize=none`` the shape is each image's
+    own: the step compiles at the first batch instead and nothing is estimated."""
+    if cfg.resize == "none":
+        return
+    t0 = time.perf_counter()
+    progress(f"compiling the protection step ({protector.batch_size} x {cfg.size}x{cfg.size} px; "
+             "a minute or more for a real model on CPU)")
+    batch, _ = _batch(cfg, sur, embed, {}, [], {})
+    ma = protector.memory_analysis(batch, prng.base_key(cfg.seed))
+    need = ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes
+    limit, what = ((int(cfg.memory_limit_gib * 2**30), "--memory_limit_gib") if cfg.memory_limit_gib > 0
+                   else runtime.device_memory_bytes())
+    progress(f"compiled in {runtime.format_duration(time.perf_counter() - t0)}: the step needs about "
+             f"{need / 2**30:.2f} GiB per device" + (f" ({what}: {limit / 2**30:.1f} GiB)" if limit else ""))
+    if limit and need > limit:
+        raise UsageError(
+            f"the protection step needs about {need / 2**30:.2f} GiB per device at --size={cfg.size} "
+            f"--batch_size={cfg.batch_size} (XLA's compiled memory analysis) but {what} is {limit / 2**30:.2f} GiB: "
+            "use a smaller --size or --batch_size, --memory_efficient_attention, --dtype=bfloat16 (GPU/TPU), "
+            "or more devices")
+
+
+def _protect_fn(cfg: RunConfig, ran: RunConfig, sur, plan: Plan, wd: Workdir, loaded: dict, protector: Protector,
+                embed: Callable | None) -> Callable:
+    """``protect(batch_index, ids, on_iter) -> BatchResult`` for TDAE and its hosts (runs/batches.py): the batch
+    with its texts, :meth:`Protector.run`, per-batch orbax checkpoints under ``ckpt/<unit>`` (``ckpt_every`` > 0)."""
     base = prng.base_key(cfg.seed)
-    uses_text = objectives.uses_text(cfg.objective.name)
-    embed = jax.jit(sur.embed_ids) if uses_text else None
-    fp_cfg = {"cfg": dataclasses.asdict(cfg), "rev": "n/a"}
+    # a checkpoint resumes only under the same settings and the same state layout (padded batch, mesh)
+    layout = {"settings": settings(ran), "batch": protector.batch_size, "mesh": dict(plan.mesh.shape)}
 
-    mine = [e for e in entries if e["id"] in owned]
-    todo = [e for e in mine if e["status"] != "done" and (cfg.retry_failed or e["status"] != "failed")
-            and not e["id"].startswith("prompt:")]
-    skipped = [e["id"] for e in mine if e not in todo]
-    if skipped:
-        progress(f"resuming: {len(skipped)} of {len(entries)} inputs already done or failed (not retried)")
-    loaded, curves = {}, {}
-    for e in todo:
-        try:
-            li = dio.load_image(e["source"], size=cfg.size, resize=cfg.resize, image_id=e["id"])
-            for w in li.warnings:
-                log.warning("%s: %s", e["source"], w)
-            if e["source"] in bad_prompt:
-                raise dio.DataError(f"{e['source']}: unusable prompt row: {bad_prompt[e['source']]}")
-            loaded[e["id"]] = li
-        except (dio.DataError, OSError) as err:
-            manifest.mark(e["id"], "failed", error=str(err))
-            log.error("%s", err)
-
-    groups: dict[tuple, list[str]] = {}
-    for i, li in loaded.items():
-        groups.setdefault(li.array.shape, []).append(i)
-    per = protector.local_batch_size
-    work = [ids[j:j + per] for ids in groups.values() for j in range(0, len(ids), per)]
-    if proc.count > 1:  # SPMD: every process runs the same number of global batches
-        n_batches = max(multihost.allgather_json(len(work), proc))
-        work += [[] for _ in range(n_batches - len(work))]
-    total_iters = max(1, len(work) * cfg.pgd.steps)
-    t_run = time.perf_counter()
-    clock: dict = {}
-    for bi, ids in enumerate(work):
-        t0 = time.perf_counter()
-        if ids:
-            x0 = np.stack([loaded[i].array for i in ids])
-            texts = [_prompt_for(find_prompt(prompts, i, loaded[i].path), sur.family, cfg.default_prompt)
-                     for i in ids]
-        else:  # this process has no rows left in this global batch: one dummy row, never written
-            x0 = np.zeros((1, cfg.size, cfg.size, 3), np.float32)
-            texts = [""]
-        batch = {"x0": x0, "uid": prng.uids(ids or ["<pad>"])}
-        if uses_text and sur.family == "sd3":  # emb = prompt_embeds (DPD's variable); pooled fixed (models/sd3.py)
-            batch.update(sur.text_batch(texts))
-        elif uses_text:
-            token_ids = sur.tokenize(texts)
-            batch["emb"] = np.asarray(embed(token_ids))
-            batch["uncond"] = np.asarray(embed(sur.tokenize([""] * len(texts))))
-            batch["token_mask"], missing = objectives.semantic_attention.target_token_mask(
-                token_ids, sur.static.tokenizer, cfg.objective.sa_tokens)
-            for j in [j for j in missing if j < len(ids)]:  # SA: no --sa_tokens word in it: all its tokens
-                log.warning("%s: none of --sa_tokens %s in the prompt %r: SA targets all its tokens",
-                            ids[j], list(cfg.objective.sa_tokens), texts[j])
-        unit_ids = ids if proc.count == 1 else sum(multihost.allgather_json(ids, proc), [])
-        unit = checkpoint.fingerprint(unit_ids)
-        ckpt = checkpoint.UnitCheckpointer(workdir / "ckpt" / unit, cfg.ckpt_every) if cfg.ckpt_every else None
-        meta = {"fingerprint": checkpoint.fingerprint({**fp_cfg, "ids": unit_ids}), "ids": unit_ids}
-
-        def on_iter(it, info, bi=bi):
-            # ETA from the steady-state rate (the first iteration of a run includes compilation)
-            now = time.perf_counter()
-            clock.setdefault("first", (now, bi * cfg.pgd.steps + it))
-            if it == 1 or it % cfg.log_every == 0 or it == cfg.pgd.steps:
-                done_iters = bi * cfg.pgd.steps + it
-                t1, n1 = clock["first"]
-                rate = (now - t1) / max(done_iters - n1, 1) if done_iters > n1 else float("nan")
-                eta = rate * (total_iters - done_iters)
-                eta_s = f"ETA {eta:.0f}s" if eta == eta else "ETA (compiling)"
-                progress(f"batch {bi + 1}/{len(work)} ({len(ids)} img) iter {it}/{cfg.pgd.steps} "
-                         f"loss={np.mean(info['loss']) if len(info['loss']) else float('nan'):.5g} elapsed {now - t_run:.0f}s {eta_s}")
-
-        for i, text in zip(ids, texts):
-            manifest.mark(i, "running", outputs={"prompt": text})
+    def protect(bi: int, ids: list[str], on_iter) -> run_batches.BatchResult:
+        batch, texts = _batch(cfg, sur, embed, loaded, ids, plan.prompts)
+        unit_ids = ids if plan.proc.count == 1 else sum(multihost.allgather_json(ids, plan.proc), [])
+        ckpt = (checkpoint.UnitCheckpointer(wd.ckpt / checkpoint.fingerprint(unit_ids), cfg.ckpt_every)
+                if cfg.ckpt_every else None)
+        meta = {"fingerprint": checkpoint.fingerprint({**layout, "ids": unit_ids}), "ids": unit_ids}
+        ok = False
         try:
             delta, hist, resumed = protector.run(batch, len(ids), cfg.pgd.steps, base, ckpt=ckpt, meta=meta,
-                                                 on_iter=on_iter)
-            if resumed:
-                progress(f"batch {bi + 1}: resumed from checkpoint at iteration {resumed}")
-        except Exception as err:  # noqa: BLE001 - one failing batch must not stop the run
-            for i in ids:
-                manifest.mark(i, "failed", error=f"optimisation failed: {type(err).__name__}: {err}")
-            log.exception("batch %d failed", bi + 1)
-            continue
-        secs = (time.perf_counter() - t0) / max(len(ids), 1)
-        for j, i in enumerate(ids):
-            _finish(cfg, manifest, workdir, loaded[i], delta[j], {k: v[j] for k, v in hist.items()}, secs, curves)
-        if ckpt is not None:
-            ckpt.close(remove=True)
+                                                 on_iter=on_iter, log_every=cfg.log_every)
+            ok = True
+        finally:
+            if ckpt is not None:
+                ckpt.close(remove=ok)  # kept for a resumed run when the batch did not finish
+        return run_batches.BatchResult(delta, hist, [{"prompt": t} for t in texts[:len(ids)]], resumed)
 
-    mine_now = [e for e in manifest.entries() if e["id"] in owned or e["id"].startswith("prompt:")]
-    if proc.count > 1:  # process 0 writes the merged metrics and report (no shared filesystem needed)
-        gathered = multihost.allgather_json(mine_now, proc)
-        all_entries = sorted((e for part in gathered for e in part), key=lambda e: e["id"])
-        all_entries = list({e["id"]: e for e in all_entries}.values())
+    return protect
+
+
+def _batch(cfg: RunConfig, sur, embed, loaded: dict, ids: list[str], prompts: dict) -> tuple[dict, list[str]]:
+    """The step's batch for ``ids`` (a dummy row, never written, when this process has none left) and the texts."""
+    if ids:
+        x0 = np.stack([loaded[i].array for i in ids])
+        texts = [_prompt_for(find_prompt(prompts, i, loaded[i].path), sur.family, cfg.default_prompt) for i in ids]
     else:
-        all_entries = mine_now
-    rows = [_row(e) for e in all_entries]
-    if proc.is_main:
-        report.write_metrics(workdir, rows)
-        _write_flags_summary(workdir, ran)
-        if cfg.report:
-            _write_report(ran, workdir, all_entries, curves)
-    multihost.barrier("tdae_jax/pipeline/done", proc)
-    return RunResult(done=[e["id"] for e in all_entries if e["status"] == "done"],
-                     failed=[e["id"] for e in all_entries if e["status"] == "failed"],
-                     skipped=skipped, rows=rows)
+        x0, texts = np.zeros((1, cfg.size, cfg.size, 3), np.float32), [""]
+    batch = {"x0": x0, "uid": prng.uids(ids or ["<pad>"])}
+    if embed is None:
+        return batch, texts
+    if sur.family == "sd3":  # emb = prompt_embeds (DPD's variable); pooled fixed (models/sd3.py)
+        batch.update(sur.text_batch(texts))
+        return batch, texts
+    token_ids = sur.tokenize(texts)
+    batch["emb"] = np.asarray(embed(token_ids))
+    batch["uncond"] = np.asarray(embed(sur.tokenize([""] * len(texts))))
+    batch["token_mask"], missing = objectives.semantic_attention.target_token_mask(
+        token_ids, sur.static.tokenizer, cfg.objective.sa_tokens)
+    for j in [j for j in missing if j < len(ids)]:  # SA: no --sa_tokens word in it: all its tokens
+        log.warning("%s: none of --sa_tokens %s in the prompt %r: SA targets all its tokens",
+                    ids[j], list(cfg.objective.sa_tokens), texts[j])
+    return batch, texts
 
 
-def _finish(cfg, manifest, workdir, li, delta, hist, secs, curves):
-    prot = dio.protect_loaded(li, delta, cfg.budget.eps)
-    out = dio.save_png_atomic(workdir / "protected" / f"{li.id}.png", prot, forbidden_dirs=[li.path.parent],
-                              icc_profile=li.icc_profile)
-    back = dio.read_back_uint8(out)
-    a = jnp.asarray(back[None], jnp.float32) / 255.0
-    b = jnp.asarray(li.original_uint8[None], jnp.float32) / 255.0
-    loss_curve = [float(v) for v in hist.get("loss", [])]
-    final = loss_curve[-1] if loss_curve else float("nan")
-    metrics = {
-        "linf_255": int(dio.linf_uint8(back, li.original_uint8)),
-        "psnr": float(image_metrics.psnr(a, b)[0]),
-        "ssim": float(image_metrics.ssim(a, b)[0]),
-        "final_loss": final,
-        "initial_loss": loss_curve[0] if loss_curve else float("nan"),
-        "seconds": round(secs, 3),
-    }
-    if not np.isfinite(final):
-        manifest.mark(li.id, "failed", error=f"{li.path}: the loss became non-finite", metrics=metrics)
+def _finish(wd: Workdir, manifest, loaded: dict, cfg: RunConfig, image_id: str, delta, hist: dict, secs: float,
+            outputs: dict | None):
+    return run_finish.finish_image(wd, manifest, loaded[image_id], delta, hist, secs, cfg.budget.eps, outputs,
+                                   output_format=cfg.output_format, keep_metadata=cfg.keep_metadata)
+
+
+def _write_outputs(cfg: RunConfig, ran: RunConfig, wd: Workdir, entries: list, rows: list, curves: dict, sur):
+    """metrics.jsonl/csv, config.json (what ran) and report.html (with the preview edits, one editor per run)."""
+    run_report.write_run_files(wd, rows, ran)
+    if not cfg.report:
         return
-    manifest.mark(li.id, "done", outputs={"protected": str(out.relative_to(workdir))}, metrics=metrics)
-    curves[li.id] = loss_curve
-    (workdir / "curves").mkdir(exist_ok=True)
-    dio.atomic_write_bytes(workdir / "curves" / f"{li.id}.json", json.dumps({k: [float(x) for x in v]
-                                                                              for k, v in hist.items()}).encode())
+    preview, summary = None, describe(ran)
+    if cfg.preview_edit and any(e["status"] == "done" for e in entries):
+        preview = run_report.preview_editor(sur, ran)
+        summary["preview editor"] = run_report.preview_name(sur, ran)
+    sizes = [dio.image_size(e["source"]) for e in entries if e["status"] == "done"]
+    run_report.write_report(wd, "tdae_jax protection report", entries, ran.budget.eps, summary, curves,
+                            preview, banner=demo_notice(cfg, [hw for hw in sizes if hw]))
 
 
-def _row(e: dict) -> dict:
-    m = e.get("metrics") or {}
-    return {"id": e["id"], "source": e["source"], "status": e["status"], **{k: m.get(k) for k in (
-        "linf_255", "psnr", "ssim", "final_loss", "seconds")}, "initial_loss": m.get("initial_loss"),
-        "error": e.get("error") or ""}
+RESIZE_WORDS = {  # the report's "resize" setting (data/io.py load_image)
+    "resize": "the whole frame resized to {s}x{s}; the perturbation is mapped back over every pixel",
+    "pad": "the whole frame, longer side to {s} px, edge-padded to {s}x{s}; every pixel is protected",
+    "center_crop": "only the centred square, resized to {s}x{s}: the rest of a non-square photo is left "
+                   "unprotected (--resize=resize covers every pixel)",
+    "none": "the photo's own resolution (cropped to multiples of 8; those few border pixels are unprotected)"}
 
 
-def _write_flags_summary(workdir: Path, cfg: RunConfig):
-    dio.atomic_write_bytes(workdir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1, default=str).encode())
+def _announce(cfg: RunConfig, loaded: dict) -> None:
+    """Warnings about the run as a whole, before the optimisation: pixels left unprotected by ``--resize``,
+    a demonstration surrogate on photos larger than it works at, EXIF metadata that will not be copied."""
+    part = {i: dio.unprotected_fraction(li.transform) for i, li in loaded.items()}
+    hit = {i: f for i, f in part.items() if f > 0}
+    if hit:
+        worst = max(hit, key=hit.get)
+        log.warning("--resize=%s leaves part of %d of %d inputs unprotected (up to %.0f%%, %s: written unchanged, "
+                    "so an editor can be applied to a crop of it); --resize=resize protects every pixel",
+                    cfg.resize, len(hit), len(part), 100 * hit[worst], loaded[worst].path.name)
+    notice = demo_notice(cfg, [li.original_size for li in loaded.values()])
+    if notice:
+        log.warning("*** %s ***", notice)
+    exif = [li.path.name for li in loaded.values() if li.exif]
+    if exif and not cfg.keep_metadata:
+        log.warning("%d input(s) carry EXIF metadata (camera, date, location, ...; e.g. %s): it is not copied to "
+                    "the protected %s files; --keep_metadata copies it (orientation set to 1)", len(exif), exif[0],
+                    cfg.output_format.upper())
 
 
-def _preview(cfg, entry, original, protected):
-    """The surrogate editing the original and the protected image with the same prompt and noise."""
-    from tdae_jax import editors
+def demo_model(weights_dir: str) -> tuple[str, int | None] | None:
+    """``(description, trained side in px or None)`` when ``weights_dir`` names a demonstration surrogate: the
+    built-in tiny random model (``""``) or a shipped miniature model (tdae_jax/miniature/shipped.py); else None."""
+    from tdae_jax.miniature import shipped
 
-    sur = load_surrogate(cfg)
-    kind = {"sd": "img2img", "ip2p": "ip2p", "inpaint": "inpaint", "sd3": "sd3_img2img"}[sur.family]
-    extra = {"image_guidance_scale": cfg.preview_image_guidance} if kind == "ip2p" else {}
-    fn = editors.make_editor(kind, sur, num_inference_steps=cfg.preview_steps, guidance_scale=cfg.preview_guidance,
-                             **extra)
-    prompt = (entry.get("outputs") or {}).get("prompt") or cfg.default_prompt
-    pair = [original, protected]
-    h, w = (cfg.size, cfg.size) if cfg.size else original.shape[:2]
-    x = np.stack([np.asarray(Image.fromarray(a).resize((w, h), Image.Resampling.LANCZOS)) for a in pair])
-    key = jax.random.fold_in(prng.base_key(cfg.seed), prng.image_uid(entry["id"]))
-    keys = jnp.stack([key, key])  # same noise for both edits
-    out = fn.from_prompts(jnp.asarray(x, jnp.float32) / 255.0, [prompt, prompt], keys)
-    out = np.asarray(jnp.clip(out, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    return out[0], out[1]
+    if not weights_dir:
+        return "the built-in tiny random model (untrained: it only checks the plumbing)", None
+    wd = Path(weights_dir).expanduser().resolve()
+    if wd.parent != shipped.ROOT.resolve() or wd.name not in shipped.names():
+        return None
+    side = int(shipped.info(wd.name).get("Data", {}).get("size", 32))
+    return f"the shipped miniature model {wd.name} (trained at {side} px on a procedural toy world)", side
 
 
-def _write_report(cfg, workdir, all_entries, curves):
-    entries = []
-    for e in all_entries:
-        item = {"id": e["id"], "status": e["status"], "error": e.get("error"), "metrics": e.get("metrics") or {}}
-        if e["status"] == "done":
-            try:
-                li = dio.load_image(e["source"], size=None, resize="none", min_side=1)
-                item["original"] = li.original_uint8
-                item["protected"] = dio.read_back_uint8(workdir / e["outputs"]["protected"])
-            except Exception as err:  # noqa: BLE001 - the report must not fail the run
-                item["error"] = f"report: {err}"
-            if cfg.preview_edit and "protected" in item:
-                try:
-                    item["edit_original"], item["edit_protected"] = _preview(cfg, e, item["original"],
-                                                                             item["protected"])
-                except Exception as err:  # noqa: BLE001 - a failing preview must not fail the run
-                    log.warning("%s: preview edit failed: %s", e["id"], err)
-            curve = curves.get(e["id"])
-            if curve is None and (workdir / "curves" / f"{e['id']}.json").exists():
-                curve = json.loads((workdir / "curves" / f"{e['id']}.json").read_text()).get("loss")
-            item["loss_curve"] = curve
-        entries.append(item)
-    summary = {**describe(cfg), "done": sum(e["status"] == "done" for e in all_entries),
-               "failed": sum(e["status"] == "failed" for e in all_entries)}
-    report.write_html(workdir, "tdae_jax protection report", entries, cfg.budget.eps, summary)
+def demo_notice(cfg: RunConfig, sizes: list) -> str | None:
+    """The report's banner and the run's warning when a demonstration surrogate (:func:`demo_model`) is used on
+    photos larger than it works at (``sizes``: the originals' ``(H, W)``); None otherwise."""
+    model = demo_model(cfg.weights_dir)
+    if model is None or not sizes:
+        return None
+    name, trained = model
+    limit = min(cfg.size or np.inf, trained or np.inf)
+    h, w = max(sizes, key=max)
+    if max(h, w) <= limit:
+        return None
+    at = (f"at {cfg.size} px and upsampled to the photos' resolution (up to {w}x{h})" if cfg.size else
+          f"at the photos' resolution (up to {w}x{h}), far above what the model works at")
+    return (f"Demonstration only: the surrogate is {name}; the perturbation was optimized {at}. This run "
+            "demonstrates the method; it does NOT protect these photos against real editors. To protect them, "
+            "point --weights_dir=<local diffusers folder> at real weights of the editor you defend against "
+            "(e.g. a local copy of InstructPix2Pix or Stable Diffusion) and use --size=512.")
 
 
 def describe(ran: RunConfig) -> dict:
@@ -483,4 +555,8 @@ def describe(ran: RunConfig) -> dict:
             "eps": f"{ran.budget.eps:.4f} ({ran.budget.eps * 255:.2f}/255)",
             "eot": eot_lib.describe(eot_lib.parse_transforms(ran.eot), ran.eot_samples),
             "steps": pgd.steps, "random start": f"U(-{pgd.random_start:g} eps, {pgd.random_start:g} eps)"
-            if pgd.random_start else "none"}
+            if pgd.random_start else "none",
+            "resize": f"{ran.resize}: " + RESIZE_WORDS[ran.resize].format(s=ran.size),
+            "instruction": f"per image below (images without a prompts row: {ran.default_prompt!r})",
+            "output": f"{ran.output_format} (lossless, original resolution); metadata: ICC profile copied, EXIF "
+                      + ("copied (orientation set to 1)" if ran.keep_metadata else "not copied (--keep_metadata)")}

@@ -15,17 +15,18 @@ class Stop(Exception):
     pass
 
 
-def _make(loss_fn, n_dev):
-    init_fn, step_fn = tdae.make_step(
-        loss_fn, budget=configs.Budget(8 / 255), pgd=configs.PGD(step_size=1 / 255, steps=STEPS),
-        fdm=configs.FDM(mode="off"))
-    return Protector(init_fn, step_fn, meshlib.make_mesh(n_dev), 2)
+def _make(sur, n_dev):
+    def build(model):
+        loss_fn = objectives.make_objective("advdm", model, configs.Objective(name="advdm", timesteps=2))
+        return tdae.make_step(loss_fn, budget=configs.Budget(8 / 255), pgd=configs.PGD(step_size=1 / 255, steps=STEPS),
+                              fdm=configs.FDM(mode="off"))
+
+    return Protector(build, sur, meshlib.make_mesh(n_dev), 2)
 
 
 def test_resume_bit_identical(tmp_path):
     stop_after = 3
     sur = models.tiny("ip2p")
-    loss_fn = objectives.make_objective("advdm", sur, configs.Objective(name="advdm", timesteps=2))
     rng = np.random.default_rng(0)
     ids = ["a", "b"]
     batch = {"x0": (rng.integers(0, 256, (2, 32, 32, 3)) / 255.0).astype(np.float32), "uid": prng.uids(ids)}
@@ -34,7 +35,7 @@ def test_resume_bit_identical(tmp_path):
     key = prng.base_key(3)
     meta = {"fingerprint": "f1", "ids": ids}
 
-    ref, ref_hist, _ = _make(loss_fn, 2).run(batch, 2, STEPS, key)
+    ref, ref_hist, _ = _make(sur, 2).run(batch, 2, STEPS, key)
 
     ck = checkpoint.UnitCheckpointer(tmp_path / "ck", every=2)
 
@@ -43,10 +44,10 @@ def test_resume_bit_identical(tmp_path):
             raise Stop
 
     with pytest.raises(Stop):
-        _make(loss_fn, 2).run(batch, 2, STEPS, key, ckpt=ck, meta=meta, on_iter=boom)
+        _make(sur, 2).run(batch, 2, STEPS, key, ckpt=ck, meta=meta, on_iter=boom)
     ck.close()
     ck2 = checkpoint.UnitCheckpointer(tmp_path / "ck", every=2)
-    p = _make(loss_fn, 2)
+    p = _make(sur, 2)
     out, hist, resumed = p.run(batch, 2, STEPS, key, ckpt=ck2, meta=meta)
     assert resumed == (stop_after // 2) * 2
     np.testing.assert_array_equal(out, ref)

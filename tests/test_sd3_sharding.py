@@ -81,7 +81,7 @@ def test_remat_is_numerically_identical():
 
 def test_protector_keeps_model_sharding_and_matches_replicated():
     """Model parallelism at the defense level: a surrogate placed with ``SD3.shard`` on a (2, 4) mesh goes
-    through ``Protector`` with its transformer weights as "model"-split arguments (parallel/hoist.py), and the
+    through ``Protector`` with its transformer weights as "model"-split arguments (protect.py), and the
     AdvDM defense gives the same perturbation and losses as the replicated 1-D mesh."""
     from tdae_jax import configs, objectives, prng
     from tdae_jax.defenses import tdae
@@ -95,11 +95,13 @@ def test_protector_keeps_model_sharding_and_matches_replicated():
     for mp in (1, 4):
         mesh = meshlib.make_mesh(8, model_parallel=mp)
         s = sur.shard(mesh) if mp > 1 else sur
-        loss_fn = objectives.make_objective("advdm", s, configs.Objective(name="advdm", timesteps=1))
-        init_fn, step_fn = tdae.make_step(loss_fn, budget=configs.Budget(8 / 255), pgd=configs.PGD(step_size=2 / 255))
-        p = Protector(init_fn, step_fn, mesh, 2)
+        def build(model):
+            loss_fn = objectives.make_objective("advdm", model, configs.Objective(name="advdm", timesteps=1))
+            return tdae.make_step(loss_fn, budget=configs.Budget(8 / 255), pgd=configs.PGD(step_size=2 / 255))
+
+        p = Protector(build, s, mesh, 2)
         results[mp] = p.run(batch, 2, 2, prng.base_key(0))
-        specs = [c.sharding.spec for c in p._step_consts]
+        specs = [a.sharding.spec for a in jax.tree.leaves(p.model)]
         assert (P(None, "model") in specs) == (mp > 1), specs  # q/k/v kernels stay split over "model"
     np.testing.assert_allclose(results[4][1]["loss"], results[1][1]["loss"], rtol=1e-4)
     assert np.mean(np.abs(results[4][0] - results[1][0]) > 1e-6) < 1e-3

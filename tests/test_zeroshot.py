@@ -23,7 +23,7 @@ def astronaut():
 
 @pytest.fixture(scope="module")
 def tiny_encoder():
-    from tdae_jax.defenses.dladiff.run import encoder
+    from tdae_jax.runs.dladiff_layers import encoder
 
     return encoder("iresnet_tiny")
 

@@ -17,7 +17,10 @@ Policy decisions (documented here, tested in tests/test_data_io.py):
     with a side below ``min_side``.
   * The working image is ``[H, W, 3] float32`` holding exact k/255 values; ``H, W`` are multiples of 8
     (the VAE downsamples by 8). Geometry is recorded in ``Transform`` so that ``map_back`` returns the
-    perturbation at the original resolution (zero outside the region the model saw).
+    perturbation at the original resolution (zero outside the region the model saw: ``unprotected_fraction``;
+    0 for ``resize`` and ``pad``, the borders for ``center_crop``).
+  * Outputs are lossless PNG or WebP (``OUTPUT_FORMATS``). The ICC profile is copied; EXIF is read with its
+    orientation tag set to 1 (the pixels are stored upright) and copied only on request (privacy default).
 
 This module does not import jax; arrays are numpy (jax arrays are accepted through ``np.asarray``).
 """
@@ -25,10 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import glob
 import io as _stdio
 import math
 import os
+import stat
 import warnings as _warnings
 from pathlib import Path
 
@@ -45,6 +50,7 @@ _FORMATS = {"PNG", "JPEG", "MPO", "WEBP", "BMP", "TIFF"}  # MPO: multi-picture J
 _FORMAT_EXTS = {"PNG": {".png"}, "JPEG": {".jpg", ".jpeg"}, "MPO": {".jpg", ".jpeg"},
                 "WEBP": {".webp"}, "BMP": {".bmp"}, "TIFF": {".tif", ".tiff"}}
 RESIZE_MODES = ("none", "center_crop", "resize", "pad")
+OUTPUT_FORMATS = ("png", "webp")  # both lossless: the budget holds on disk (convention 7)
 DEFAULT_MIN_SIDE = 16
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's own default (~ 89.5 MP)
 MULTIPLE = 8  # VAE downsampling factor: working H, W must be divisible by it
@@ -95,6 +101,8 @@ class LoadedImage:
       transform: the geometry from ``original_uint8`` to ``array``.
       warnings: human-readable notes on conversions (empty for a plain 8-bit RGB image).
       icc_profile: the source's ICC profile when it describes RGB data (copied to the output), else None.
+      exif: the source's EXIF block with the orientation tag set to 1 (the pixels are stored upright), or None
+        when it has none; copied to the output only on request (``save_image_atomic(..., exif=...)``).
     """
 
     id: str
@@ -105,6 +113,7 @@ class LoadedImage:
     transform: Transform
     warnings: list[str]
     icc_profile: bytes | None = None
+    exif: bytes | None = None
 
 
 def sample_dir() -> Path:
@@ -300,6 +309,7 @@ def load_image(path, *, size: int | None, resize: str, min_side: int = DEFAULT_M
     with _strict_decoding(max_pixels) as caught:
         img, orientation = _open_validated(path, max(int(min_side), MULTIPLE), max_pixels, notes)
         icc = img.info.get("icc_profile") if img.mode in ("RGB", "RGBA", "RGBX", "RGBa", "P") else None
+        exif = _upright_exif(img, notes)
         original = _to_rgb_uint8(path, img, notes)
     notes.extend(f"PIL: {w.message}" for w in caught)
     h, w = original.shape[:2]
@@ -317,7 +327,32 @@ def load_image(path, *, size: int | None, resize: str, min_side: int = DEFAULT_M
         crop = np.pad(crop, pads, mode="edge")
     transform = Transform(resize, (h, w), box, rhw, off, whw, int(orientation))
     array = crop.astype(np.float32) / np.float32(255.0)
-    return LoadedImage(image_id or path.stem, path, array, original, (h, w), transform, notes, icc)
+    return LoadedImage(image_id or path.stem, path, array, original, (h, w), transform, notes, icc, exif)
+
+
+def _upright_exif(img: Image.Image, notes: list[str]) -> bytes | None:
+    """The EXIF block of an (already EXIF-transposed) image with Orientation (0x0112) = 1, or None without EXIF.
+
+    The pixels are stored upright, so a copied orientation other than 1 would rotate them a second time in
+    viewers (PIL ``ImageOps.exif_transpose`` does the same to the image it returns).
+    """
+    try:
+        exif = img.getexif()
+        if not len(exif):
+            return None
+        exif[0x0112] = 1  # PIL's exif_transpose removes the tag; an explicit 1 keeps viewers from guessing
+        return exif.tobytes()
+    except Exception as e:  # noqa: BLE001 - a broken EXIF block is not fatal: it is simply not copied
+        notes.append(f"unreadable EXIF block ({e}); it cannot be copied to the output")
+        return None
+
+
+def unprotected_fraction(t: Transform) -> float:
+    """The fraction of the original's pixels outside the window the model sees (``crop_box``): 0 for ``resize``
+    and ``pad``, 1 - s^2 / (H W) for ``center_crop`` (a third of a 3:2 photo), the multiple-of-8 border for
+    ``none``. Those pixels are written unchanged (``map_back`` is 0 there)."""
+    h, w = t.original_hw
+    return 1.0 - (t.crop_box[2] * t.crop_box[3]) / float(h * w)
 
 
 # ------------------------------------------------------------------------------- budget & mapping
@@ -428,11 +463,45 @@ def check_output_dir(workdir, input_dirs) -> Path:
     return wd
 
 
+def check_workdir(workdir) -> Path:
+    """Refuses a workdir that cannot be a folder: an existing file (or FIFO, device, broken or looping link), a
+    path under such a file, or under a folder this process cannot write. Only stats (creates nothing); returns
+    the absolute path. DataError names the flag value and the offending path."""
+    wd = Path(os.path.abspath(Path(workdir).expanduser()))
+    for p in (wd, *wd.parents):
+        try:
+            st = os.stat(p)
+        except (FileNotFoundError, NotADirectoryError):
+            if os.path.lexists(p):
+                raise DataError(f"--workdir={workdir}: {p} is a broken symbolic link") from None
+            continue  # does not exist yet (created by the run), or a parent is a file: found further up
+        except OSError as e:
+            raise DataError(f"--workdir={workdir}: cannot use {p} ({e.strerror or e})") from None
+        if not stat.S_ISDIR(st.st_mode):
+            what = "is an existing file, not a folder" if p == wd else "is a file, so no folder can be created under it"
+            raise DataError(f"--workdir={workdir}: {p} {what}")
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise DataError(f"--workdir={workdir}: {p} is not writable")
+        return wd
+    return wd
+
+
 def save_png_atomic(path, image_uint8: np.ndarray, *, forbidden_dirs=(), icc_profile: bytes | None = None) -> Path:
-    """Writes ``[H, W, 3]`` (or ``[H, W]``) uint8 as PNG atomically; refuses paths inside ``forbidden_dirs``.
+    """``save_image_atomic(..., fmt="png")``."""
+    return save_image_atomic(path, image_uint8, forbidden_dirs=forbidden_dirs, icc_profile=icc_profile)
+
+
+def save_image_atomic(path, image_uint8: np.ndarray, *, fmt: str = "png", forbidden_dirs=(),
+                      icc_profile: bytes | None = None, exif: bytes | None = None) -> Path:
+    """Writes ``[H, W, 3]`` (or ``[H, W]``) uint8 as a lossless PNG or WebP atomically; refuses paths inside
+    ``forbidden_dirs``. ``icc_profile`` / ``exif``: metadata blocks copied into the file (PNG iCCP / eXIf, WebP
+    ICCP / EXIF chunks). WebP is written lossless with ``exact`` RGB (libwebp), so the pixels read back are the
+    pixels given and the budget holds on disk.
 
     Returns the written path. The parent folder must exist.
     """
+    if fmt not in OUTPUT_FORMATS:
+        raise ValueError(f"output format must be one of {OUTPUT_FORMATS}, got {fmt!r}")
     path = Path(path)
     a = np.asarray(image_uint8)
     if a.dtype != np.uint8 or not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (3, 4))):
@@ -445,14 +514,27 @@ def save_png_atomic(path, image_uint8: np.ndarray, *, forbidden_dirs=(), icc_pro
         if _is_within(target.parent, d):
             raise OutputDirError(f"refusing to write {target}: it is inside the input folder {d}")
     buf = _stdio.BytesIO()
-    kwargs = {"icc_profile": icc_profile} if icc_profile else {}
-    Image.fromarray(a).save(buf, format="PNG", **kwargs)
+    kwargs = {k: v for k, v in (("icc_profile", icc_profile), ("exif", exif)) if v}
+    if fmt == "webp":
+        kwargs.update(lossless=True, quality=100, method=4, exact=True)
+    Image.fromarray(a).save(buf, format=fmt.upper(), **kwargs)
     atomic_write_bytes(target, buf.getvalue())
     return target
 
 
+def image_size(path) -> tuple[int, int] | None:
+    """``(H, W)`` of an image file as displayed (EXIF orientation applied), from its header only; None when it
+    cannot be read."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            return (w, h) if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (h, w)
+    except Exception:  # noqa: BLE001 - any unreadable file: no size
+        return None
+
+
 def read_back_uint8(path) -> np.ndarray:
-    """Re-reads a written PNG as ``[H, W, 3] uint8`` (for checking the on-disk budget)."""
+    """Re-reads a written PNG or WebP as ``[H, W, 3] uint8`` (for checking the on-disk budget)."""
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB") if im.mode != "RGB" else im, dtype=np.uint8).copy()
 
@@ -461,31 +543,182 @@ def _has_magic(s: str) -> bool:
     return any(c in s for c in "*?[")
 
 
-def _is_listed_image(p: Path) -> bool:
-    return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+# Why an entry of the input folder/pattern is not an input; ``Listing.warning`` counts them in this order.
+SKIP_REASONS = ("inside the workdir", "symlink loop", "broken symlink", "unreadable", "directory",
+                "not a regular file", "unsupported extension", "hidden")
+_PLURAL = {"symlink loop": "symlink loops", "broken symlink": "broken symlinks", "directory": "directories",
+           "not a regular file": "not regular files", "unsupported extension": "unsupported extensions"}
 
 
-def list_images(spec) -> list[Path]:
-    """Image files named by ``spec``: a folder (non-recursive), a glob pattern (``**`` recurses) or one file.
+@dataclasses.dataclass(frozen=True)
+class Listing:
+    """What :func:`list_inputs` found for one ``--images`` value.
 
-    Sorted by path; only ``IMAGE_EXTENSIONS`` (any case); hidden files skipped.
-    Raises DataError naming the folder/pattern when nothing matches or it does not exist.
+    Attributes:
+      spec: the folder, pattern or file as given.
+      paths: the usable image files, sorted (what ``list_images`` returns).
+      skipped: reason (one of ``SKIP_REASONS``) -> entries left out because they are not inputs (a folder, a
+        ``.gif``, a symlink loop, a file under the run's own workdir, ...). Reported as one warning line.
+      rejected: ``(entry, why)`` for entries that look like inputs but must not be used (a link into the run's
+        workdir: one of its own outputs). Each is reported by name.
     """
-    s = str(spec)
-    p = Path(s).expanduser()
+
+    spec: str
+    paths: list[Path]
+    skipped: dict[str, list[Path]]
+    rejected: list[tuple[Path, str]]
+
+    def warning(self) -> str | None:
+        """One line counting the skipped entries by reason, e.g. ``skipped 3 entries in photos/: 1 symlink loop,
+        1 unsupported extension (.gif), 1 directory``; None when nothing was skipped."""
+        n = sum(len(v) for v in self.skipped.values())
+        if not n:
+            return None
+        parts = []
+        for reason in SKIP_REASONS:
+            entries = self.skipped.get(reason, [])
+            if not entries:
+                continue
+            label = reason if len(entries) == 1 else _PLURAL.get(reason, reason)
+            if reason == "unsupported extension":
+                exts = sorted({q.suffix.lower() or "(none)" for q in entries})
+                label += f" ({', '.join(exts[:6])}{', ...' if len(exts) > 6 else ''})"
+            parts.append(f"{len(entries)} {label}")
+        return f"skipped {n} {'entry' if n == 1 else 'entries'} in {self.spec}: {', '.join(parts)}"
+
+
+def _within(p: Path, root: Path | None) -> bool:
+    return root is not None and _is_within(p, root)
+
+
+def _classify(q: Path, wd: Path | None, keep: Path | None) -> tuple[str, str | None]:
+    """``("ok", None)``, ``("skip", reason)`` or ``("reject", why)`` for one folder entry or pattern match.
+
+    Only ``os.stat``/``lstat``/``realpath``: nothing is opened (a FIFO would block), nothing written. ``wd`` is the
+    resolved workdir; entries under it are not inputs, except under ``keep`` (an input folder the user named
+    inside the workdir). An entry outside it whose link target lies inside it is rejected.
+    """
+    if wd is not None:
+        here = Path(os.path.realpath(q.parent)) / q.name  # where the entry itself is (its links not followed)
+        target = Path(os.path.realpath(q))
+        if _within(here, wd) and not _within(here, keep):
+            return "skip", "inside the workdir"
+        if _within(target, wd) and not _within(target, keep):
+            return "reject", (f"resolves to {target}, inside the workdir {wd}: it is one of this run's outputs, "
+                              "never an input")
+    try:
+        st = os.stat(q)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "skip", "symlink loop"
+        return "skip", "broken symlink" if os.path.islink(q) else "unreadable"
+    if q.name.startswith("."):
+        return "skip", "hidden"
+    if stat.S_ISDIR(st.st_mode):
+        return "skip", "directory"
+    if not stat.S_ISREG(st.st_mode):
+        return "skip", "not a regular file"
+    if q.suffix.lower() not in IMAGE_EXTENSIONS:
+        return "skip", "unsupported extension"
+    return "ok", None
+
+
+def _spec_root(s: str) -> Path:
+    """The folder a spec lists: the folder itself, a file's folder, or a pattern's leading literal folders."""
+    p = Path(os.path.expanduser(s))
+    if not _has_magic(s):
+        return p if p.is_dir() else p.parent
+    parts = p.parts
+    lead = next(i for i, part in enumerate(parts) if _has_magic(part))
+    return Path(*parts[:lead]) if lead else Path(".")
+
+
+def _candidates(s: str) -> list[Path]:
+    """Entries named by ``s`` before classification; DataError when the folder/file/pattern does not exist."""
+    p = Path(os.path.expanduser(s))
     if p.is_dir():
-        out = sorted(q for q in p.iterdir() if _is_listed_image(q))
-        if not out:
-            raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {p}")
-        return out
+        try:
+            return sorted(p.iterdir())
+        except OSError as e:
+            raise DataError(f"cannot list the folder {p} ({e.strerror or e})") from None
     if p.is_file():
         if p.suffix.lower() not in IMAGE_EXTENSIONS:
             raise DataError(f"{p} is not an image file name (accepted: {', '.join(IMAGE_EXTENSIONS)})")
         return [p]
     if not _has_magic(s):
+        if os.path.lexists(p):  # a symlink loop, a broken link, a FIFO or device named as the input
+            raise DataError(f"{s} is not an image file or folder ({_classify(p, None, None)[1]})")
         raise DataError(f"no such file or folder: {s}")
-    found = {Path(q) for q in glob.glob(os.path.expanduser(s), recursive=True)}
-    out = sorted(q for q in found if _is_listed_image(q))
-    if not out:
-        raise DataError(f"no images match the pattern {s}")
+    return sorted({Path(q) for q in glob.glob(os.path.expanduser(s), recursive=True)})
+
+
+def list_inputs(spec, *, exclude=None) -> Listing:
+    """The input images named by ``spec``, with what was left out and why.
+
+    Args:
+      spec: a folder (non-recursive), a glob pattern (``**`` recurses) or one image file.
+      exclude: the run's workdir. Nothing under it is ever an input (the run's own outputs must not become
+        inputs when a pattern covers the workdir): such entries are skipped ("inside the workdir"), and an
+        entry elsewhere that links into it is rejected. Exception: entries under ``spec``'s own folder when that
+        folder lies strictly inside the workdir (``--images=run/inputs --workdir=run``, which
+        ``check_output_dir`` allows).
+    Returns:
+      :class:`Listing`; ``paths`` sorted; only ``IMAGE_EXTENSIONS`` (any case); hidden files, folders, symlink
+      loops, broken links and special files are skipped, each counted by reason.
+    Raises:
+      DataError: the folder/pattern does not exist or yields no usable image (the message names it and says what
+        was skipped or rejected there).
+    """
+    s = str(spec)
+    wd = Path(exclude).expanduser().resolve() if exclude is not None else None
+    root = Path(os.path.realpath(_spec_root(s)))
+    keep = root if wd is not None and root != wd and _is_within(root, wd) else None
+    paths, skipped, rejected = [], {}, []
+    for q in _candidates(s):
+        verdict, why = _classify(q, wd, keep)
+        if verdict == "ok":
+            paths.append(q)
+        elif verdict == "skip":
+            skipped.setdefault(why, []).append(q)
+        else:
+            rejected.append((q, why))
+    listing = Listing(s, sorted(paths), skipped, rejected)
+    if not paths:
+        what = f"folder {s}" if Path(os.path.expanduser(s)).is_dir() else (
+            f"the pattern {s}" if _has_magic(s) else s)
+        detail = "; ".join([f"{q}: {w}" for q, w in rejected[:3]] + [listing.warning() or ""]).strip("; ")
+        head = (f"no images match {what}" if _has_magic(s) else
+                f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {what}")
+        raise DataError(head + (f" ({detail})" if detail else ""))
+    return listing
+
+
+def list_images(spec, *, exclude=None) -> list[Path]:
+    """Image files named by ``spec``: a folder (non-recursive), a glob pattern (``**`` recurses) or one file.
+
+    ``list_inputs(spec, exclude=exclude).paths``: sorted by path; only ``IMAGE_EXTENSIONS`` (any case); hidden
+    files skipped. Raises DataError naming the folder/pattern when nothing matches or it does not exist.
+    """
+    return list_inputs(spec, exclude=exclude).paths
+
+
+def unlisted_prompt_images(prompts: dict, paths) -> dict[str, str]:
+    """Prompt rows that name an image which is not one of the run's listed inputs: ``{key: problem}``.
+
+    ``prompts`` is ``load_prompts``'s dict (a record's ``image`` is the resolved path it names, or None when the
+    row names no file); ``paths`` the listed inputs. A row naming ``../../etc/passwd`` (or any file outside the
+    input folder, or a file in it that the listing skipped) would otherwise be accepted silently: such a row
+    prompts nothing and is a problem of the prompts file. Rows without an ``image`` (matched by id) are not
+    returned. Pure (resolves paths, reads nothing).
+    """
+    listed = {str(Path(p).expanduser().resolve()) for p in paths}
+    folders = sorted({str(Path(p).expanduser().resolve().parent) for p in paths})
+    out = {}
+    for key, rec in prompts.items():
+        image = rec.get("image")
+        if image and str(Path(image).resolve()) not in listed:
+            where = ("in an input folder but not listed as an input"
+                     if str(Path(image).resolve().parent) in folders else
+                     f"outside the input folder{'s' if len(folders) > 1 else ''} {', '.join(folders[:3])}")
+            out[key] = f"{key}: image {image} is not one of the run's inputs ({where}); row ignored"
     return out

@@ -12,6 +12,9 @@ docs/design.md convention 8 (every run leaves a workdir) and the resumption guar
   pending.
 * ``load_prompts``: CSV or JSONL prompts; per-row problems are returned, not raised, so the caller
   can mark those inputs failed and carry on.
+* Settings: a manifest records the settings its outputs were made with (``meta``); ``settings_diff`` names every
+  difference (nested keys dotted, ``budget.eps``), ``read_meta`` reads them without touching the file, so a run
+  can refuse other settings before it creates anything.
 """
 from __future__ import annotations
 
@@ -77,13 +80,52 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def settings_diff(old: dict, new: dict) -> list[str]:
+    """Every difference between two settings dicts as ``'key: old -> new'`` (nested keys dotted, sorted)."""
+    a = _flatten(json.loads(json.dumps(old, default=_jsonable)))
+    b = _flatten(json.loads(json.dumps(new, default=_jsonable)))
+    missing = "<unset>"
+    return [f"{k}: {a.get(k, missing)!r} -> {b.get(k, missing)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k, missing) != b.get(k, missing)]
+
+
+def read_meta(path) -> dict | None:
+    """The settings recorded in a manifest file (``{}`` when it records none), None when there is no file.
+
+    Read-only. Raises DataError for a file that is not a manifest.
+    """
+    path = Path(path)
+    return (_read(path).get("meta") or {}) if path.exists() else None
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("version") != MANIFEST_VERSION or not isinstance(data.get("entries"), dict):
+            raise ValueError(f"expected version {MANIFEST_VERSION} with an 'entries' object")
+    except (ValueError, AttributeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not a readable manifest ({e}); move it away to start afresh") from None
+    return data
+
+
 class Manifest:
     """Resumable per-image status, stored as one JSON file (written atomically).
 
     Args:
       path: the manifest file (its folder must exist). Loaded if it exists, else created on first save.
       meta: JSON-serializable run settings. A new manifest stores them; re-opening an existing one with
-        different ``meta`` raises DataError (resuming with other settings would mix results).
+        different ``meta`` raises DataError naming every difference (resuming with other settings would mix
+        results); an existing manifest that records none (written by an older version) adopts them.
     """
 
     def __init__(self, path, *, meta: dict | None = None):
@@ -91,20 +133,15 @@ class Manifest:
         self.meta: dict = {}
         self._entries: dict[str, dict] = {}
         if self.path.exists():
-            try:
-                data = json.loads(self.path.read_text(encoding="utf-8"))
-                if data.get("version") != MANIFEST_VERSION or not isinstance(data.get("entries"), dict):
-                    raise ValueError(f"expected version {MANIFEST_VERSION} with an 'entries' object")
-            except (ValueError, AttributeError, UnicodeDecodeError) as e:
-                raise DataError(f"{self.path}: not a readable manifest ({e}); move it away to start afresh") from None
+            data = _read(self.path)
             self.meta, self._entries = data.get("meta", {}), data["entries"]
             if meta is not None:
                 new = json.loads(json.dumps(meta, default=_jsonable))
-                diff = sorted(k for k in set(new) | set(self.meta) if new.get(k) != self.meta.get(k))
+                diff = settings_diff(self.meta, new) if self.meta else []  # none recorded (older file): adopt
                 if diff:
-                    detail = "; ".join(f"{k}: {self.meta.get(k)!r} -> {new.get(k)!r}" for k in diff[:5])
-                    raise DataError(f"{self.path}: resuming with different settings ({detail}); "
+                    raise DataError(f"{self.path}: resuming with different settings ({'; '.join(diff)}); "
                                     "use a new workdir or the original settings")
+                self.meta = new
         elif meta is not None:
             self.meta = json.loads(json.dumps(meta, default=_jsonable))
 

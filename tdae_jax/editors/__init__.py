@@ -87,22 +87,10 @@ class EditFn:
         return self._sharded(images, emb, uncond_emb, keys, mask, noise)
 
     def _sharded(self, images, emb, uncond_emb, keys, mask, noise):
-        from jax.sharding import NamedSharding, PartitionSpec as P
-
         from tdae_jax.parallel import mesh as mesh_lib
 
         n = images.shape[0]
-        size = mesh_lib.padded_size(n, self.mesh)
-        ax = self.mesh.axis_names[0]
-
-        def place(a, axis=0):
-            a = jnp.asarray(a)
-            if size > n:
-                idx = jnp.minimum(jnp.arange(size), n - 1)
-                a = jnp.take(a, idx, axis=axis)
-            spec = P(*([None] * axis + [ax]))
-            return jax.device_put(a, NamedSharding(self.mesh, spec))
-
+        place = lambda a, axis=0: mesh_lib.pad_and_shard(a, self.mesh, n, axis)  # noqa: E731
         noise = None if noise is None else {k: place(v, 1 if k == "steps" else 0) for k, v in noise.items()
                                             if v is not None}
         out = self._fn(self.surrogate, place(images), place(emb), place(uncond_emb), place(keys), self.config,

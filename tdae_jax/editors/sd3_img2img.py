@@ -184,20 +184,10 @@ class SD3EditFn:
         return self._sharded(*args)
 
     def _sharded(self, images, emb, uncond_emb, keys, noise):
-        from jax.sharding import NamedSharding, PartitionSpec as P
-
         from tdae_jax.parallel import mesh as mesh_lib
 
         n = images.shape[0]
-        size = mesh_lib.padded_size(n, self.mesh)
-        sh = NamedSharding(self.mesh, P(self.mesh.axis_names[0]))
-
-        def place(a):
-            a = jnp.asarray(a)
-            if size > n:
-                a = jnp.take(a, jnp.minimum(jnp.arange(size), n - 1), axis=0)
-            return jax.device_put(a, sh)
-
+        place = lambda a: mesh_lib.pad_and_shard(a, self.mesh, n)  # noqa: E731
         images, emb, uncond_emb, keys, noise = jax.tree.map(place, (images, emb, uncond_emb, keys, noise))
         return self._fn(self.surrogate, images, emb, uncond_emb, keys, self.config, None, noise)[:n]
 

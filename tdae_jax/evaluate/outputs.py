@@ -9,7 +9,7 @@ from pathlib import Path
 from tdae_jax import purify as purify_lib
 from tdae_jax.data import io as dio
 from tdae_jax.evaluate.runner import EvalResult
-from tdae_jax.evaluate.specs import CLIP_METRICS, COLUMNS, METRICS, EvalConfig, UsageError
+from tdae_jax.evaluate.specs import CLIP_METRICS, COLUMNS, METRICS, MIN_SIDE, EvalConfig, UsageError
 
 
 def default_outdir(cfg: EvalConfig) -> Path:
@@ -29,12 +29,19 @@ def write_outputs(result: EvalResult, cfg: EvalConfig) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     rows = result.rows
     report.write_metrics(out, rows, columns=COLUMNS + (CLIP_METRICS if cfg.clip_dir else ()))
-    metrics = [m for m in METRICS if any(m in r for r in rows)]
+    finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)  # noqa: E731
+    measured = [m for m in METRICS if any(m in r for r in rows)]
+    metrics = [m for m in measured if any(finite(r.get(m)) for r in rows)]
+    missing = [m for m in measured if m not in metrics]
     runs = [{**r.meta(), "name": r.name, "label": r.label, "path": str(r.path),
              "images": sum(it.clean is not None for it in r.items)} for r in result.runs]
     victims = [v.name for v in cfg.victims]
     purifiers = [p.name for p in purify_lib.parse(cfg.purify)] or ["none"]
     notes = [f"victim {v.name}: {v.family} {v.source}, editor {v.editor_kwargs(cfg.edit)}" for v in cfg.victims]
+    if missing:  # said once, instead of tables of n/a
+        sides = ", ".join(f"{m} {MIN_SIDE[m]} px" for m in missing if MIN_SIDE.get(m))
+        notes.append(f"not computed: {', '.join(missing)} (no finite value for any image: LPIPS needs its weights, "
+                     f"--lpips_weights; the others need a minimum image side{': ' + sides if sides else ''})")
     if result.failures:
         notes.append(f"{len(result.failures)} problem(s), see failures.txt")
     md = report.eval_matrix_md(rows, runs, victims, purifiers, list(cfg.seeds), metrics, notes)

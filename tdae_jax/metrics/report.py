@@ -1,9 +1,12 @@
 """Run reports: metrics.jsonl / metrics.csv rows and a self-contained report.html.
 
-The HTML shows, per image, original | protected | amplified difference (|x' - x| scaled so the
-budget maps to full range) and, when an editor was run, edit(original) | edit(protected), plus the
-per-iteration loss curve as inline SVG (no plotting dependency). Thumbnails are written beside the
-report (``report_assets/``) so the page works offline and never points into an input folder.
+The HTML opens with an optional banner (e.g. "this model demonstrates the method; it does not protect
+against real editors"), the run's settings and a verdict (how many images were written within the budget),
+then shows, per image, the edit instruction(s) used, original | protected | amplified difference
+(|x' - x| scaled so the budget maps to full range) and, when an editor was run, edit(original) |
+edit(protected), plus the per-iteration loss curve as inline SVG with labelled axes (no plotting
+dependency). Thumbnails are written beside the report (``report_assets/``) so the page works offline and
+never points into an input folder.
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ def write_metrics(workdir: Path, rows: Sequence[dict], columns: Sequence[str] = 
     w.writeheader()
     for r in rows:
         w.writerow({k: ("" if r.get(k) is None else _clean(r.get(k))) for k in columns})
-    dio.atomic_write_bytes(workdir / "metrics.csv", buf.getvalue().encode())
+    dio.atomic_write_bytes(workdir / "metrics.csv", buf.getvalue().encode("utf-8", "backslashreplace"))  # PEP 383 names as \\xNN: valid UTF-8
 
 
 def amplified_difference(original: np.ndarray, protected: np.ndarray, eps: float) -> np.ndarray:
@@ -60,25 +63,64 @@ def _thumb(arr: np.ndarray, path: Path, side: int = 256) -> str:
     return path.name
 
 
-def loss_svg(curve: Iterable[float], width: int = 240, height: int = 90) -> str:
+def loss_svg(curve: Iterable[float], width: int = 300, height: int = 150) -> str:
+    """The loss curve as an inline SVG plot: x axis "iteration" (1 .. N), y axis "loss" (min .. max), with
+    tick labels at both ends of each axis; an empty plot with a note when fewer than two finite values."""
     ys = [float(v) for v in curve if v is not None and math.isfinite(float(v))]
     if len(ys) < 2:
-        return "<svg width='%d' height='%d'></svg>" % (width, height)
+        return (f"<svg class='loss' width='{width}' height='{height}'><text x='8' y='20' font-size='11'>"
+                "no loss curve (fewer than 2 finite values)</text></svg>")
+    left, right, top, bottom = 52, 8, 8, 34  # margins: y tick labels on the left, x ticks + label below
+    pw, ph = width - left - right, height - top - bottom
     lo, hi = min(ys), max(ys)
     span = (hi - lo) or 1.0
-    pts = " ".join(
-        f"{4 + i * (width - 8) / (len(ys) - 1):.1f},{4 + (hi - y) * (height - 20) / span:.1f}" for i, y in enumerate(ys)
-    )
+    pts = " ".join(f"{left + i * pw / (len(ys) - 1):.1f},{top + (hi - y) * ph / span:.1f}" for i, y in enumerate(ys))
+    x0, y0 = left, top + ph  # the axes' origin
+    text = "<text x='{:.1f}' y='{:.1f}' font-size='10' text-anchor='{}'{}>{}</text>".format
     return (
-        f"<svg width='{width}' height='{height}' style='background:#fafafa'>"
+        f"<svg class='loss' width='{width}' height='{height}' style='background:#fafafa'>"
+        f"<title>loss {ys[0]:.4g} &#8594; {ys[-1]:.4g} ({len(ys)} iterations)</title>"
+        f"<line x1='{x0}' y1='{top}' x2='{x0}' y2='{y0}' stroke='#333'/>"
+        f"<line x1='{x0}' y1='{y0}' x2='{left + pw}' y2='{y0}' stroke='#333'/>"
         f"<polyline fill='none' stroke='#c33' stroke-width='1.5' points='{pts}'/>"
-        f"<text x='4' y='{height - 3}' font-size='10'>loss {ys[0]:.4g} &#8594; {ys[-1]:.4g} ({len(ys)} it)</text></svg>"
+        + text(x0 - 3, top + 8, "end", "", f"{hi:.3g}") + text(x0 - 3, y0, "end", "", f"{lo:.3g}")
+        + text(x0, y0 + 12, "middle", "", "1") + text(left + pw, y0 + 12, "end", "", str(len(ys)))
+        + text(left + pw / 2, height - 4, "middle", " class='xlabel'", "iteration")
+        + text(12, top + ph / 2, "middle", f" class='ylabel' transform='rotate(-90 12 {top + ph / 2:.1f})'", "loss")
+        + "</svg>"
     )
 
 
-def write_html(workdir: Path, title: str, entries: Sequence[dict], eps: float, summary: dict) -> Path:
+def verdict(entries: Sequence[dict], eps: float) -> str:
+    """One sentence: how many images were written within the budget (on-disk L_inf, in 1/255 steps), how many
+    failed, and whether any written image exceeds it (which would be a bug: data/io.py quantizes inside it)."""
+    k = dio.budget_steps(eps)
+    done = [e for e in entries if e.get("status") == "done"]
+    failed = sum(e.get("status") == "failed" for e in entries)
+    linf = [(e.get("metrics") or {}).get("linf_255") for e in done]
+    over = sum(v is not None and v > k for v in linf)
+    changed = sum(v is not None and v > 0 for v in linf)
+    out = (f"{len(done)} of {len(entries)} images protected and written within the budget "
+           f"(on-disk L_inf <= {k}/255)" if not over else f"{over} written images EXCEED the budget of {k}/255")
+    out += f"; {changed} of them changed by the perturbation" if done else ""
+    return out + (f"; {failed} failed (reasons below)" if failed else "")
+
+
+def _instructions(e: dict) -> str:
+    p = e.get("prompt")
+    texts = [p] if isinstance(p, str) else list(p or [])
+    if not texts:
+        return ""
+    label = "instruction" if len(texts) == 1 else "instructions"
+    return f"<p class='prompt'><b>{label}</b>: " + "; ".join(f"&#8220;{html.escape(t)}&#8221;" for t in texts) + "</p>"
+
+
+def write_html(workdir: Path, title: str, entries: Sequence[dict], eps: float, summary: dict,
+               banner: str | None = None) -> Path:
     """``entries``: dicts with id, status, error, metrics, and optional arrays ``original``, ``protected``,
-    ``edit_original``, ``edit_protected`` (uint8 HxWx3) and ``loss_curve`` (list of float)."""
+    ``edit_original``, ``edit_protected`` (uint8 HxWx3), ``loss_curve`` (list of float) and ``prompt`` (the
+    edit instruction(s) the perturbation was optimized against: a string or a list). ``summary``: the settings
+    shown at the top, followed by :func:`verdict`; ``banner``: a warning shown above everything."""
     assets = workdir / "report_assets"
     assets.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -103,18 +145,23 @@ def write_html(workdir: Path, title: str, entries: Sequence[dict], eps: float, s
         curve = loss_svg(e.get("loss_curve") or [])
         rows.append(
             f"<section><h3>{html.escape(eid)} <small>{html.escape(e.get('status', ''))}</small></h3>"
-            f"<div class='row'>{imgs}{curve}</div><p>{html.escape(stats)}</p>{err}</section>"
+            f"{_instructions(e)}<div class='row'>{imgs}{curve}</div><p>{html.escape(stats)}</p>{err}</section>"
         )
     summ = "".join(f"<li><b>{html.escape(str(k))}</b>: {html.escape(str(v))}</li>" for k, v in summary.items())
+    summ = f"<h2>Settings</h2><ul class='settings'>{summ}</ul><h2>Verdict</h2><p class='verdict'>" + html.escape(
+        verdict(entries, eps)) + "</p>"
+    top = f"<div class='banner' role='alert'>{html.escape(banner)}</div>" if banner else ""
     page = (
         "<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title><style>"
         "body{font-family:sans-serif;margin:20px} .row{display:flex;gap:8px;align-items:flex-end;flex-wrap:wrap}"
         "figure{margin:0} img{image-rendering:pixelated;max-width:256px} figcaption{font-size:12px;text-align:center}"
-        ".err{color:#b00} section{border-top:1px solid #ddd;padding:6px 0}</style></head><body>"
-        f"<h1>{html.escape(title)}</h1><ul>{summ}</ul>" + "".join(rows) + "</body></html>"
+        ".err{color:#b00} section{border-top:1px solid #ddd;padding:6px 0}"
+        ".banner{background:#fff3cd;border:2px solid #c90;padding:10px;font-weight:bold;margin-bottom:12px}"
+        "</style></head><body>"
+        f"{top}<h1>{html.escape(title)}</h1>{summ}" + "".join(rows) + "</body></html>"
     )
     out = workdir / "report.html"
-    dio.atomic_write_bytes(out, page.encode())
+    dio.atomic_write_bytes(out, page.encode("utf-8", "backslashreplace"))
     return out
 
 
@@ -269,7 +316,7 @@ def eval_plots(outdir: Path, rows: Sequence[dict], runs: Sequence[dict], victims
                 for kind, pur, style in (("protection", first, "-o"), ("worst", "worst", "--x")):
                     ys = [mean_std([x.get(m) for x in select(rows, kind=kind, purify=pur, run=r["name"], victim=v)])[0]
                           for r in rs]
-                    if all(not math.isfinite(y) for y in ys):
+                    if sum(math.isfinite(y) for y in ys) < 2:  # a curve needs two budgets at least
                         continue
                     lab = f"{sur} {obj}/{dfn}{'' if eot == 'none' else ' eot=' + eot} → {v}"
                     (line,) = ax.plot([r["eps"] * 255 for r in rs], ys, style, color=color,
@@ -287,7 +334,7 @@ def eval_plots(outdir: Path, rows: Sequence[dict], runs: Sequence[dict], victims
         ax.set_xlabel("eps (/255)")
         ax.set_ylabel(f"{METRIC_LABEL.get(m, m)}: edit(protected) vs edit(clean) {PROTECTION_ARROW.get(m, '')}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, frameon=False)
         fig.tight_layout()
         p = pdir / f"{m}_vs_eps.png"
         fig.savefig(p, dpi=100)
@@ -319,6 +366,41 @@ def eval_plots(outdir: Path, rows: Sequence[dict], runs: Sequence[dict], victims
         written.append(p)
     plt.close(fig)
     return written
+
+
+def markdown_html(md: str) -> str:
+    """The subset of markdown the reports write (``#`` headings, ``|`` tables, ``-`` lists, paragraphs) as HTML,
+    every text escaped: tables a browser renders instead of pipes in a ``<pre>``."""
+    out, table, items = [], [], []
+
+    def flush():
+        if table:
+            rows = [[c.strip() for c in r.strip().strip("|").split("|")] for r in table
+                    if not set(r.replace("|", "").strip()) <= set("-: ")]
+            head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+            body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
+            out.append(f"<table><tr>{head}</tr>{body}</table>")
+            table.clear()
+        if items:
+            out.append("<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in items) + "</ul>")
+            items.clear()
+
+    for line in md.splitlines():
+        s = line.strip()
+        if s.startswith("|"):
+            table.append(s)
+            continue
+        if s.startswith("- "):
+            items.append(s[2:])
+            continue
+        flush()
+        if s.startswith("#"):
+            level = min(len(s) - len(s.lstrip("#")) + 1, 6)
+            out.append(f"<h{level}>{html.escape(s.lstrip('#').strip())}</h{level}>")
+        elif s:
+            out.append(f"<p>{html.escape(s)}</p>")
+    flush()
+    return "".join(out)
 
 
 def write_eval_html(outdir: Path, title: str, summary: dict, matrix_md: str, thumbs: dict, victims: Sequence[str],
@@ -354,12 +436,12 @@ def write_eval_html(outdir: Path, title: str, summary: dict, matrix_md: str, thu
         "body{font-family:sans-serif;margin:20px} .row{display:flex;gap:8px;align-items:flex-end;flex-wrap:wrap}"
         "figure{margin:0} img{image-rendering:pixelated;max-width:256px} img.plot{max-width:640px;image-rendering:auto}"
         "figcaption{font-size:12px;text-align:center}"
-        " pre{background:#f6f6f6;padding:8px;font-size:12px;overflow-x:auto}"
+        " table{border-collapse:collapse;font-size:12px;margin:6px 0} td,th{border:1px solid #ccc;padding:2px 6px}"
         "section{border-top:1px solid #ddd;padding:6px 0}</style></head><body>"
         f"<h1>{html.escape(title)}</h1><ul>{summ}</ul><div>{imgs}</div>"
-        f"<details open><summary>matrix.md</summary><pre>{html.escape(matrix_md)}</pre></details>"
+        f"<details open><summary>tables (matrix.md)</summary>{markdown_html(matrix_md)}</details>"
         + "".join(parts) + "</body></html>"
     )
     out = outdir / "report.html"
-    dio.atomic_write_bytes(out, page.encode())
+    dio.atomic_write_bytes(out, page.encode("utf-8", "backslashreplace"))
     return out

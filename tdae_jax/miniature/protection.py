@@ -53,11 +53,13 @@ def make_protector(sur, eps: float, spec: str, steps: int, denoise_steps: int = 
     # cannot pay over a 128-pair grid). K = 2 (t, eps) draws per gradient for the per-timestep hosts.
     obj = configs.Objective(name=host, timesteps=2, denoise_steps=denoise_steps, guidance_scale=1.0,
                             image_guidance_scale=1.0, pgd_grad_reps=1, pgd_eta=0.0)
-    loss_fn = objectives.make_objective(host, sur, obj)
     fdm, tpa, dpd = defense_configs(variant, beta)
-    init_fn, step_fn = tdae.make_step(loss_fn, budget=configs.Budget(eps), fdm=fdm, tpa=tpa, dpd=dpd,
-                                      pgd=configs.PGD(step_size=max(eps / 8, 1 / 255), steps=steps))
-    return Protector(init_fn, step_fn, meshlib.make_mesh(), batch_size)
+
+    def build(model):
+        return tdae.make_step(objectives.make_objective(host, model, obj), budget=configs.Budget(eps), fdm=fdm,
+                              tpa=tpa, dpd=dpd, pgd=configs.PGD(step_size=max(eps / 8, 1 / 255), steps=steps))
+
+    return Protector(build, sur, meshlib.make_mesh(), batch_size)
 
 
 def protect(sur, x0_uint8, prompts, eps, spec, steps, denoise_steps=4, *, ids=None, beta=None, batch_size=8,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 import tempfile
 import zlib
 from pathlib import Path
@@ -31,6 +30,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import safetensors.numpy
+
+from tdae_jax.data.files import new_file_mode
 
 DIFFUSERS = ("diffusion_pytorch_model", "diffusion_flax_model.msgpack")  # (safetensors stem, msgpack file)
 TRANSFORMERS = ("model", "flax_model.msgpack")
@@ -52,14 +53,102 @@ class WeightsError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- files
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own bound on the JSON header (tensor.rs MAX_HEADER_SIZE)
+_ST_ITEMSIZE = {**{k: np.dtype(v).itemsize for k, v in _ST_DTYPES.items()}, "U16": 2, "U32": 4, "U64": 8}
+
+
+def _not_safetensors_hint(head: bytes) -> str:
+    """What the first bytes of a file that is not safetensors look like (pickle / PyTorch zip), for the message."""
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return ("; it starts like a Python pickle (a PyTorch checkpoint under a .safetensors name?), which tdae_jax "
+                "never unpickles: convert it with safe_serialization=True")
+    if head[:4] == b"PK\x03\x04":
+        return "; it is a zip archive (PyTorch's torch.save format?): convert it with safe_serialization=True"
+    return ""
+
+
+def _check_tensor_table(path: Path, header: dict, data_bytes: int) -> None:
+    """Every tensor's dtype, shape and ``data_offsets`` against the data section (``data_bytes`` long): the
+    offsets tile it from 0 to its end, in order, and each range holds exactly prod(shape) * itemsize bytes
+    (huggingface/safetensors, safetensors/src/tensor.rs ``Metadata::validate`` and the final size check of
+    ``SafeTensors::read_metadata``)."""
+    table = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
+            ints = [*shape, start, end]
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints):
+                raise ValueError("negative or non-integer value")
+        except (TypeError, KeyError, ValueError) as e:
+            raise WeightsError(f"{path}: tensor '{name}' has an invalid header entry {info!r} ({e})") from None
+        if dtype not in _ST_ITEMSIZE:
+            raise WeightsError(f"{path}: tensor '{name}' has unsupported dtype {dtype!r}")
+        if end > data_bytes or start > end:
+            raise WeightsError(f"{path}: tensor '{name}' data_offsets [{start}, {end}) lie outside the data section "
+                               f"({data_bytes} bytes): the file is truncated or corrupt")
+        if end - start != int(np.prod(shape, dtype=object)) * _ST_ITEMSIZE[dtype]:
+            raise WeightsError(f"{path}: tensor '{name}' holds {end - start} bytes, but shape {shape} {dtype} "
+                               f"needs {int(np.prod(shape, dtype=object)) * _ST_ITEMSIZE[dtype]}")
+        table.append((start, end, name))
+    covered = 0
+    for start, end, name in sorted(table):
+        if start != covered:
+            raise WeightsError(f"{path}: tensor '{name}' starts at byte {start} of the data section, expected "
+                               f"{covered} (tensors overlap or leave a gap)")
+        covered = end
+    if covered != data_bytes:
+        raise WeightsError(f"{path}: the tensors cover {covered} of the {data_bytes} data bytes (corrupt file)")
+
+
+def safetensors_header(path: str | os.PathLike) -> tuple[int, dict]:
+    """Checks a safetensors file's framing before any library reads it; returns ``(header length, header)``.
+
+    The format (huggingface/safetensors README, "Format"; checks restated from safetensors/src/tensor.rs
+    ``SafeTensors::read_metadata``): 8-byte little-endian header length ``n`` (at most ``MAX_HEADER_BYTES`` and
+    at most the file size - 8), ``n`` bytes of UTF-8 JSON object, then the data section that the tensors'
+    ``data_offsets`` tile exactly. Checked here because the library and ``f.read(n)`` fail badly on hostile
+    files: a pickle under a ``.safetensors`` name or a length of 2**40 asks for terabytes (``MemoryError``),
+    2**63 - 1 overflows (``OverflowError``), truncated data raises the library's own ``SafetensorError``.
+
+    Raises:
+      WeightsError (a ``ValueError``) naming the file and the problem; OSError when it cannot be read.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise WeightsError(f"{path}: not a safetensors file ({size} bytes, shorter than the 8-byte header "
+                               "length)")
+        n = int.from_bytes(head, "little")
+        if n > min(size - 8, MAX_HEADER_BYTES):
+            raise WeightsError(f"{path}: not a safetensors file: its header length field is {n} bytes but the file "
+                               f"has {size} bytes (limit {MAX_HEADER_BYTES}){_not_safetensors_hint(head)}")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise WeightsError(f"{path}: safetensors header is not UTF-8 JSON ({e}){_not_safetensors_hint(head)}") \
+            from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: safetensors header is JSON {type(header).__name__}, expected an object")
+    _check_tensor_table(path, header, size - 8 - n)
+    return n, header
+
+
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of one safetensors file, in their stored dtype (``BF16``/``F8`` as ml_dtypes arrays)."""
+    """All tensors of one safetensors file, in their stored dtype (``BF16``/``F8`` as ml_dtypes arrays).
+
+    The framing is checked first (:func:`safetensors_header`), so a hostile or truncated file is a
+    :class:`WeightsError` naming it, never a MemoryError or a library exception."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
+        n, header = safetensors_header(path)
         dtypes = {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+        if not dtypes <= set(_ST_DTYPES):
+            raise WeightsError(f"{path}: unsupported dtype(s) {sorted(dtypes - set(_ST_DTYPES))}")
         if dtypes <= {"F64", "F32", "F16", "I64", "I32", "I16", "I8", "U8", "BOOL"}:
             return safetensors.numpy.load_file(str(path))
         data = np.memmap(path, np.uint8, "r", offset=8 + n)
@@ -70,7 +159,9 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
             start, end = info["data_offsets"]
             out[name] = np.asarray(data[start:end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"]))
         return out
-    except (OSError, ValueError, KeyError, struct.error) as e:
+    except WeightsError:
+        raise
+    except (OSError, ValueError, KeyError, safetensors.SafetensorError) as e:
         raise WeightsError(f"{path}: cannot read safetensors file ({e})") from e
 
 
@@ -200,6 +291,27 @@ def read_config(path: Path) -> dict:
         raise WeightsError(f"{path}: invalid JSON ({e})") from e
 
 
+def size_multiple(weights_dir: str | os.PathLike, family: str) -> int | None:
+    """The side (px) every working image of a surrogate in ``weights_dir`` must be a multiple of, from its configs.
+
+    VAE downsampling ``2**(len(vae block_out_channels) - 1)`` times the denoiser's: the UNet halves the latent
+    ``len(block_out_channels) - 1`` times and its Flax upsamplers double it back to a fixed size (diffusers
+    ``FlaxUpsample2D``), so a latent side not divisible by that cannot be concatenated with its skip; SD3's
+    transformer patchifies the latent by ``patch_size``. None when the configs cannot be read (loading will
+    report that, naming the file). Reads two JSON files; never the weights.
+    """
+    d = Path(weights_dir)
+    denoiser = "transformer" if family == "sd3" else "unet"
+    try:
+        vae, net = read_config(d / "vae" / "config.json"), read_config(d / denoiser / "config.json")
+        vae_factor = 2 ** (len(vae.get("block_out_channels", (64,))) - 1)
+        net_factor = (int(net.get("patch_size", 2)) if family == "sd3"
+                      else 2 ** (len(net.get("block_out_channels", (320,))) - 1))
+    except (WeightsError, TypeError, ValueError, AttributeError):
+        return None
+    return vae_factor * net_factor if vae_factor >= 1 and net_factor >= 1 else None
+
+
 def random_params(module, seed: int = 0, dtype=jnp.float32, *, expected: dict | None = None,
                   special: dict | None = None) -> dict:
     """Seeded random params for ``module``, drawn with numpy (compiling ``module.init`` costs minutes on CPU
@@ -308,6 +420,7 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, new_file_mode())  # mkstemp's 0600 -> what open(path, "w") would give (0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

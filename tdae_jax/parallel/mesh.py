@@ -78,3 +78,15 @@ def pad_batch(tree: Any, n: int, size: int) -> tuple[Any, np.ndarray]:
 
     valid = np.arange(size) < n
     return jax.tree.map(pad, tree), valid
+
+
+def pad_and_shard(a: Any, mesh: Mesh, n: int, axis: int = 0) -> jax.Array:
+    """``a`` (``n`` rows along ``axis``) padded to :func:`padded_size` by repeating its last row, then placed with
+    that axis split over ``data``: the one pad-and-shard of callers that split a batch themselves (the editors)."""
+    import jax.numpy as jnp
+
+    size = padded_size(n, mesh)
+    a = jnp.asarray(a)
+    if size > n:
+        a = jnp.take(a, jnp.minimum(jnp.arange(size), n - 1), axis=axis)
+    return jax.device_put(a, NamedSharding(mesh, P(*([None] * axis + [mesh.axis_names[0]]))))

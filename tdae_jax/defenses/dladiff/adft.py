@@ -8,7 +8,8 @@ Both image stages are *ascent*; as every objective here is minimized, they desce
 :func:`defenses.pgd.sign_pgd` (``update="raw"``: the paper's literal raw-gradient step, for ablation) and
 :func:`defenses.pgd.project` (L_inf ball, then ``x + delta`` in [0,1]). Stage 3 is
 :func:`editors.finetune.train_step` with ``FinetuneConfig(lr, weight_decay)`` (UNet only; the prior term of
-Eq. 9 is an option, off by default: Alg. 1 uses L_cond). Each stage is one jit-compiled function (module
+Eq. 9 is ``prior_weight`` with class images passed as ``protect(..., prior=prior_pool(...))``, off by default:
+Alg. 1 uses L_cond). Each stage is one jit-compiled function (module
 level, static config), traced once per shapes; the epoch loop is plain Python.
 
 Keys: stage 1 and 2 step ``k`` (global PGD counter) of image ``u`` use
@@ -52,7 +53,7 @@ class ADFTConfig:
     w_self: float = 1.0
     update: str = "sign"  # sign | raw
     latent_sample: bool = True
-    prior_weight: float = 0.0  # stage 3 prior term (Eq. 9); needs prior images
+    prior_weight: float = 0.0  # lambda of Eq. 9's prior term in stage 3 (Alg. 1: 0); > 0 needs protect(prior=)
 
     def __post_init__(self):
         if self.update not in ("sign", "raw"):
@@ -157,24 +158,62 @@ stage2_jit = jax.jit(stage2_step, static_argnames=("cfg",), donate_argnums=(0,))
 
 
 def train_on(dynamic: ft.TrainState, frozen, x, uid, emb, base_key, ftcfg: ft.FinetuneConfig, mesh,
-             stream: str = STREAMS[2], prior: dict | None = None):
+             stream: str = STREAMS[2], prior: dict | None = None, ids=None):
     """``ftcfg.steps`` full-batch training steps of a UNet on ``x [B,H,W,3]`` (stage 3; ASPL's two trainings).
-    Returns ``(state, [losses])``."""
+
+    ``emb [B,T,D]``: the prompt's embedding; with ``ftcfg.train_text_encoder`` the token ids ``ids [B,T]`` are
+    used instead (the text encoder is part of ``dynamic``). ``prior``: a class-image pool (:func:`prior_pool`)
+    for Eq. 9's / DreamBooth's prior term, used when ``ftcfg.prior_weight > 0`` (ignored at 0): draw ``j`` of
+    the run takes pool row ``j mod P``, so each step pairs ``B`` instance images with ``B`` class images, as
+    diffusers' ``train_dreambooth.py`` concatenates them. Returns ``(state, [losses])``."""
+    if ftcfg.prior_weight > 0 and not prior:
+        raise ValueError("prior_weight > 0 needs prior (class) images: pass prior=prior_pool(...)")
+    if ftcfg.train_text_encoder and ids is None:
+        raise ValueError("training the text encoder needs the prompt's token ids (ids=)")
     key = stream_key(base_key, stream)
     b = x.shape[0]
+    text = {"ids": jnp.asarray(ids)} if ftcfg.train_text_encoder else {"emb": emb}
     losses = []
     for _ in range(ftcfg.steps):
         draw = int(dynamic.step) * b + np.arange(b, dtype=np.int32)
-        batch = {"x0": x, "uid": uid, "draw": jnp.asarray(draw), "emb": emb, **(prior or {})}
+        batch = {"x0": x, "uid": uid, "draw": jnp.asarray(draw), **text}
+        if ftcfg.prior_weight > 0:
+            batch.update(prior_rows(prior, draw, ftcfg.train_text_encoder))
         batch = meshlib.shard_batch(batch, mesh)
         dynamic, m = ft.train_step_jit(dynamic, frozen, batch, key, ftcfg.trace_key())
         losses.append(float(m["loss"]))
     return dynamic, losses
 
 
+def prior_pool(surrogate, images, prompt: str, uid_offset: int = 1_000_003) -> dict:
+    """The class-image pool of the prior term: ``{"x0": [P,H,W,3], "uid": [P], "ids": [P,T], "emb": [P,T,D]}``
+    (host arrays) for ``images`` in [0,1] (e.g. ``ft.sample(theta_pre, "a photo of person", 200, key)``, as
+    Anti-DreamBooth's ``main`` generates them) with the class ``prompt``. Uids start at ``uid_offset`` so
+    their keys never collide with the instance images'."""
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"prior images must be [P,H,W,3] with P >= 1, got {images.shape}")
+    n = images.shape[0]
+    ids = np.repeat(surrogate.tokenize([prompt]), n, 0)
+    emb = np.repeat(np.asarray(ft.embed_ids(surrogate, ids[:1])), n, 0)
+    return {"x0": images, "uid": uid_offset + np.arange(n, dtype=np.int32), "ids": ids, "emb": emb}
+
+
+def prior_rows(prior: dict, draw, text_ids: bool) -> dict:
+    """The prior part of a training batch for global draws ``draw [B]``: pool row ``draw mod P``."""
+    idx = np.asarray(draw) % len(prior["uid"])
+    rows = {"prior_x0": prior["x0"][idx], "prior_uid": np.asarray(prior["uid"])[idx]}
+    if text_ids:
+        rows["prior_ids"] = np.asarray(prior["ids"])[idx]
+    else:
+        rows["prior_emb"] = np.asarray(prior["emb"])[idx]
+    return rows
+
+
 def run_epoch(state: ADFTState, base_sur, static_unet, batch: dict, base_key, cfg: ADFTConfig, mesh,
-              frozen=None) -> tuple[ADFTState, dict]:
-    """One ADFT epoch (stages 1-3). ``batch`` arrays must already be sharded over ``mesh`` (``shard_batch``).
+              frozen=None, prior: dict | None = None) -> tuple[ADFTState, dict]:
+    """One ADFT epoch (stages 1-3). ``batch`` arrays must already be sharded over ``mesh`` (``shard_batch``);
+    ``prior``: the class-image pool of stage 3's prior term (``cfg.prior_weight > 0``, :func:`prior_pool`).
     Returns the new state and ``{"adft/att": [iter1][B], "adft/cond": [iter2][B], "adft/train": [iter3]}``."""
     if cfg.layers is None:
         raise ValueError("ADFTConfig.layers is not resolved (dsur.select_layers)")
@@ -192,14 +231,15 @@ def run_epoch(state: ADFTState, base_sur, static_unet, batch: dict, base_key, cf
         x_adv = jnp.clip(batch["x0"] + p.delta, 0.0, 1.0)
         frozen = ft.frozen_part(base_sur, cfg.stage3(x_adv.shape[0])) if frozen is None else frozen
         dyn, losses = train_on(dyn, frozen, x_adv, batch["uid"], batch["emb"], base_key, cfg.stage3(x_adv.shape[0]),
-                               mesh)
+                               mesh, prior=prior)
         hist["adft/train"] = losses
     return ADFTState(p, dyn), hist
 
 
 def protect(surrogate, static_unet, x0, uid, emb, cfg: ADFTConfig, base_key, *, mesh=None,
             state: ADFTState | None = None, start_epoch: int = 0,
-            on_epoch: Callable[[int, ADFTState, dict], None] | None = None) -> tuple[ADFTState, dict]:
+            on_epoch: Callable[[int, ADFTState, dict], None] | None = None,
+            prior: dict | None = None) -> tuple[ADFTState, dict]:
     """Run ADFT for ``cfg.epochs`` epochs on one identity's images ``x0 [B,H,W,3]`` in [0,1].
 
     Args:
@@ -207,9 +247,13 @@ def protect(surrogate, static_unet, x0, uid, emb, cfg: ADFTConfig, base_key, *, 
       static_unet: UNet_s params (from :func:`dsur.train_static`).
       uid: ``[B] int32`` image uids; emb: ``[B,T,D]`` the prompt's embedding ("a photo of sks person").
       state/start_epoch: resume (``on_epoch(epoch, state, hist)`` is the checkpoint hook).
+      prior: class images of Eq. 9's prior term (:func:`prior_pool`; "a photo of person" in DLADiff §3.1),
+        required when ``cfg.prior_weight > 0``; stage 3 then minimizes ``L_inst + lambda L_prior``.
     Returns:
       ``(state, history)`` with ``history[name]`` a list over epochs.
     """
+    if cfg.prior_weight > 0 and cfg.iter3 and not prior:
+        raise ValueError("ADFTConfig.prior_weight > 0 needs prior (class) images: protect(prior=prior_pool(...))")
     mesh = ft.data_mesh(np.shape(x0)[0], mesh)
     batch = meshlib.shard_batch({"x0": jnp.asarray(x0, jnp.float32), "uid": jnp.asarray(uid, jnp.int32),
                                  "emb": jnp.asarray(emb)}, mesh)
@@ -219,7 +263,7 @@ def protect(surrogate, static_unet, x0, uid, emb, cfg: ADFTConfig, base_key, *, 
     frozen = ft.frozen_part(base, cfg.stage3(np.shape(x0)[0]))
     history: dict[str, list] = {}
     for ep in range(start_epoch, cfg.epochs):
-        state, h = run_epoch(state, base, static_unet, batch, base_key, cfg, mesh, frozen)
+        state, h = run_epoch(state, base, static_unet, batch, base_key, cfg, mesh, frozen, prior)
         for k, v in h.items():
             history.setdefault(k, []).append(v)
         if on_epoch is not None:
