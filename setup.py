@@ -18,7 +18,7 @@ setup(
     python_requires=">=3.10,<3.13",
     packages=find_packages(include=["tdae_jax", "tdae_jax.*", "experiments", "experiments.*"]),
     package_data={
-        "tdae_jax": ["assets/samples/*", "assets/miniature/**/*"],
+        "tdae_jax": ["assets/samples/*", "assets/miniature/**/*", "miniature/immunizer/*"],
         "experiments": ["flags/*.flags"],
     },
     include_package_data=True,

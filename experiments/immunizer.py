@@ -11,8 +11,8 @@ network (immunizer.msgpack + immunizer.json) is written to --workdir.
 protect: --immunizer names a training workdir; every image of --images becomes protected/<id>.png in --workdir,
 within the trained eps of the original on disk (8-bit), with manifest.json, metrics.jsonl/csv and report.html.
 measure: on the miniature world, edit success of the victim on immunized images vs the reproduction study's rows
-(--study_dir) on the same held-out pairs, and protect's throughput vs the per-image experiments.tdae:
-    python -m experiments.immunizer measure --immunizer=tdae_jax/miniature/immunizer --measure_out=m.json
+(--measure_study_dir) on the same held-out pairs, and protect's throughput vs the per-image experiments.tdae:
+    python -m experiments.immunizer measure --immunizer=shipped --measure_out=m.json
 Exit code: 0 done, 1 some inputs failed (protect; the others are done), 2 usage error (one line, nothing written).
 """
 from __future__ import annotations
@@ -89,14 +89,15 @@ def define_flags():
     _define("integer", "ckpt_every", 0, "Orbax checkpoint every k steps (0 = off).")
     _define("integer", "log_every", 10, "Progress line every k steps.")
     common.section(COMMAND, "protect")
-    _define("string", "immunizer", "", "protect: the training workdir holding immunizer.msgpack/.json.")
+    _define("string", "immunizer", "", "protect, measure: the training workdir holding immunizer.msgpack/.json, "
+            "or 'shipped' (the network trained on the 32 px miniature world, tdae_jax/miniature/immunizer).")
     _define("string", "images", "", "protect: folder or glob of input images.")
     _define("integer", "size", 256, "protect: working resolution (multiple of 8); ignored with --resize=none.")
     _define("enum", "resize", "center_crop", ["none", "center_crop", "resize", "pad"],
             "protect: how inputs map to the working resolution; outputs are at the original resolution.")
     _define("bool", "report", True, "protect: write report.html.")
     common.section(COMMAND, "measure (miniature world)")
-    _define("string", "study_dir", "results/reproduce_mini32", "measure: the reproduction study whose held-out "
+    _define("string", "measure_study_dir", "results/reproduce_mini32", "measure: the reproduction study whose held-out "
             "pairs and stored per-pair outcomes the immunizer is compared with.")
     _define("integer", "measure_pairs", 128, "measure: study pairs scored (the first N; the study has 128).")
     _define("string", "measure_victim", "ip2p_a", "measure: the shipped victim editor.")
@@ -166,7 +167,8 @@ def run_protect() -> int:
 
     if not FLAGS.images or not FLAGS.immunizer:
         return common.usage_error("protect needs --images (a folder or glob) and --immunizer (a training workdir)")
-    cfg = protect.ProtectConfig(images=FLAGS.images, workdir=FLAGS.workdir, immunizer=FLAGS.immunizer,
+    cfg = protect.ProtectConfig(images=common.resolve_package_path(FLAGS.images), workdir=FLAGS.workdir,
+                                immunizer=FLAGS.immunizer,
                                 size=None if FLAGS.resize == "none" else FLAGS.size, resize=FLAGS.resize,
                                 batch_size=FLAGS.batch_size, report=FLAGS.report,
                                 num_devices=FLAGS.num_devices or None,
@@ -191,13 +193,14 @@ def run_measure() -> int:
 
     if not FLAGS.immunizer:
         return common.usage_error("measure needs --immunizer (a training workdir or the shipped network)")
-    if not (Path(FLAGS.study_dir) / "scores").is_dir():
-        return common.usage_error(f"--study_dir={FLAGS.study_dir}: no scores/ folder (run experiments.reproduce)")
+    if not (Path(FLAGS.measure_study_dir) / "scores").is_dir():
+        return common.usage_error(f"--measure_study_dir={FLAGS.measure_study_dir}: no scores/ folder "
+                                  "(run experiments.reproduce)")
     if not 1 <= FLAGS.measure_pairs <= 128 or FLAGS.measure_throughput_images < 0:
         return common.usage_error("--measure_pairs must be in 1..128 and --measure_throughput_images >= 0")
     log = logging.getLogger("tdae_jax").info
     try:
-        out = {"edit": measure.edit_success(FLAGS.immunizer, FLAGS.study_dir, FLAGS.measure_pairs,
+        out = {"edit": measure.edit_success(FLAGS.immunizer, FLAGS.measure_study_dir, FLAGS.measure_pairs,
                                             FLAGS.measure_victim, progress=log)}
         if FLAGS.measure_throughput_images:
             with tempfile.TemporaryDirectory(prefix="immunizer_measure_") as tmp:
@@ -218,7 +221,8 @@ _COMMAND = [None]  # the sub-command of a ``python -m`` run (taken off sys.argv 
 def main(argv, command: str | None = None) -> int:
     command = command or _COMMAND[0]
     if command not in SUBCOMMANDS:
-        return common.usage_error(f"name a sub-command first: python -m {COMMAND} train|protect|measure --flagfile=...")
+        return common.usage_error(f"name a sub-command first: python -m {COMMAND} train|protect|measure "
+                                  "--flagfile=...")
     return {"train": run_train, "protect": run_protect, "measure": run_measure}[command]()
 
 

@@ -486,7 +486,7 @@ RESIZE_WORDS = {  # the report's "resize" setting (data/io.py load_image)
     "pad": "the whole frame, longer side to {s} px, edge-padded to {s}x{s}; every pixel is protected",
     "center_crop": "only the centred square, resized to {s}x{s}: the rest of a non-square photo is left "
                    "unprotected (--resize=resize covers every pixel)",
-    "none": "the photo's own resolution (cropped to multiples of 8; those few border pixels are unprotected)"}
+    "none": "the photo's own resolution (edge-padded to multiples of 8 while optimizing); every pixel is protected"}
 
 
 def _announce(cfg: RunConfig, loaded: dict) -> None:

@@ -77,6 +77,16 @@ def test_budget_by_construction_for_any_params_and_input():
     assert np.abs(np.asarray(apply(params, x))).max() > 0.9 * NET.eps
 
 
+def test_shipped_network_loads_and_keeps_its_budget():
+    shipped = Path(__file__).resolve().parents[1] / "tdae_jax" / "miniature" / "immunizer"
+    cfg, params = protect.load(shipped)
+    info = json.loads((shipped / "training.json").read_text())
+    assert info["steps"] >= 1 and info["wall_seconds"] > 0 and abs(cfg.eps - 16 / 255) < 1e-9
+    x = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    delta = np.asarray(jax.jit(net.Immunizer(cfg).apply)(params, x.astype(np.float32) / 255.0))
+    assert 0 < np.abs(delta).max() <= cfg.eps + 1e-7 and net.count_params(params) < 1_000_000
+
+
 def test_world_pool_batches_are_a_pure_function_of_the_step():
     idx = [data_lib.item_indices(n, 3, 6, 5151) for n in range(4)]
     np.testing.assert_array_equal(np.sort(np.concatenate(idx[:2])), np.arange(6))  # one epoch = the pool

@@ -106,7 +106,7 @@ def test_eta0_equals_the_previous_ddim_path(world):
         z0 = common.encode_sample(sur, x, keys)
         z = sur.add_noise(z0, common.draw_noise(keys, 1, z0.shape[1:])[0], jnp.full((B,), ts[0]))
         for i, t in enumerate(ts):
-            e = common.guided_eps(sur, z, jnp.full((B,), t), emb, batch["uncond"], {}, 7.5)
+            e = sur.guided_eps(z, jnp.full((B,), t), emb, batch["uncond"], {}, 7.5)
             a_t, a_p = acp[t], acp[ts[i + 1]] if i + 1 < len(ts) else acp[0]
             z = jnp.sqrt(a_p) * (z - jnp.sqrt(1 - a_t) * e) / jnp.sqrt(a_t) + jnp.sqrt(1 - a_p) * e
         return common.safe_l2(sur.decode(z) - 0.5)

@@ -111,6 +111,11 @@ def test_unprotected_fraction(photos):
     assert dio.unprotected_fraction(dio.load_image(wide, size=32, resize="center_crop").transform) == pytest.approx(1 / 3)
     for mode in ("resize", "pad"):
         assert dio.unprotected_fraction(dio.load_image(wide, size=32, resize=mode).transform) == 0
+    odd = photos / "odd.png"  # 45x70: not multiples of 8; --resize=none pads, so no border is left out
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (45, 70, 3), dtype=np.uint8)).save(odd)
+    li = dio.load_image(odd, size=None, resize="none")
+    assert dio.unprotected_fraction(li.transform) == 0 and li.array.shape == (48, 72, 3)
+    assert (dio.map_back(np.full((48, 72, 3), 0.01, np.float32), li) == np.float32(0.01)).all()
 
 
 def test_demonstration_model_banner(default_run):

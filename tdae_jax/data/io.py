@@ -18,7 +18,7 @@ Policy decisions (documented here, tested in tests/test_data_io.py):
   * The working image is ``[H, W, 3] float32`` holding exact k/255 values; ``H, W`` are multiples of 8
     (the VAE downsamples by 8). Geometry is recorded in ``Transform`` so that ``map_back`` returns the
     perturbation at the original resolution (zero outside the region the model saw: ``unprotected_fraction``;
-    0 for ``resize`` and ``pad``, the borders for ``center_crop``).
+    0 for ``resize``, ``pad`` and ``none``, the borders for ``center_crop``).
   * Outputs are lossless PNG or WebP (``OUTPUT_FORMATS``). The ICC profile is copied; EXIF is read with its
     orientation tag set to 1 (the pixels are stored upright) and copied only on request (privacy default).
 
@@ -259,10 +259,8 @@ def _composite_alpha(path: Path, rgba: np.ndarray, notes: list[str]) -> np.ndarr
 
 def _plan(mode: str, size: int | None, h: int, w: int) -> tuple:
     """Returns (crop_box, resized_hw, offset, work_hw) for an (h, w) original."""
-    if mode == "none":
-        hh, ww = h // MULTIPLE * MULTIPLE, w // MULTIPLE * MULTIPLE
-        box = ((h - hh) // 2, (w - ww) // 2, hh, ww)
-        return box, (hh, ww), (0, 0), (hh, ww)
+    if mode == "none":  # the whole photo, edge-padded at the bottom/right to multiples of MULTIPLE
+        return (0, 0, h, w), (h, w), (0, 0), (-(-h // MULTIPLE) * MULTIPLE, -(-w // MULTIPLE) * MULTIPLE)
     if mode == "center_crop":
         s = min(h, w)
         return ((h - s) // 2, (w - s) // 2, s, s), (size, size), (0, 0), (size, size)
@@ -280,7 +278,8 @@ def load_image(path, *, size: int | None, resize: str, min_side: int = DEFAULT_M
     Args:
       path: image file (png, jpg/jpeg, webp, bmp, tif/tiff; the content decides, not the name).
       size: working side in pixels, a multiple of 8; must be None for ``resize='none'``.
-      resize: ``'none'``: native resolution, centre-cropped to multiples of 8 (a warning says how much);
+      resize: ``'none'``: native resolution, edge-padded at the bottom/right to multiples of 8 (every pixel
+        is optimized; ``map_back`` drops the padding);
         ``'center_crop'``: the centred square of side min(H, W), resized to size x size;
         ``'resize'``: the whole image resized to size x size (aspect ratio not kept);
         ``'pad'``: the longer side resized to ``size`` (aspect kept), edge-padded to size x size.
@@ -315,8 +314,6 @@ def load_image(path, *, size: int | None, resize: str, min_side: int = DEFAULT_M
     h, w = original.shape[:2]
     box, rhw, off, whw = _plan(resize, size, h, w)
     top, left, ch, cw = box
-    if resize == "none" and (ch, cw) != (h, w):
-        notes.append(f"cropped {w}x{h} to {cw}x{ch} (centre) so that both sides are multiples of {MULTIPLE}")
     crop = original[top:top + ch, left:left + cw]
     if rhw != (ch, cw):
         if rhw[0] > ch or rhw[1] > cw:
@@ -348,9 +345,9 @@ def _upright_exif(img: Image.Image, notes: list[str]) -> bytes | None:
 
 
 def unprotected_fraction(t: Transform) -> float:
-    """The fraction of the original's pixels outside the window the model sees (``crop_box``): 0 for ``resize``
-    and ``pad``, 1 - s^2 / (H W) for ``center_crop`` (a third of a 3:2 photo), the multiple-of-8 border for
-    ``none``. Those pixels are written unchanged (``map_back`` is 0 there)."""
+    """The fraction of the original's pixels outside the window the model sees (``crop_box``): 0 for ``resize``,
+    ``pad`` and ``none``, 1 - s^2 / (H W) for ``center_crop`` (a third of a 3:2 photo). Those pixels are written
+    unchanged (``map_back`` is 0 there)."""
     h, w = t.original_hw
     return 1.0 - (t.crop_box[2] * t.crop_box[3]) / float(h * w)
 

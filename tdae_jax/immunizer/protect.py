@@ -38,11 +38,17 @@ from tdae_jax.runs.errors import UsageError
 from tdae_jax.runs.workdir import Workdir
 
 PARAMS_FILE, CONFIG_FILE = "immunizer.msgpack", "immunizer.json"
+SHIPPED = Path(__file__).resolve().parents[1] / "miniature" / "immunizer"  # ``--immunizer=shipped``
+
+
+def resolve(train_dir) -> Path:
+    """``"shipped"`` -> the network shipped with the package (trained on the 32 px miniature world); else as given."""
+    return SHIPPED if str(train_dir) == "shipped" else Path(train_dir)
 
 
 @dataclasses.dataclass(frozen=True)
 class ProtectConfig:
-    """A protect run. ``immunizer``: the training workdir (or shipped folder) holding the network;
+    """A protect run. ``immunizer``: the training workdir holding the network, or ``shipped`` (:func:`resolve`);
     ``size``: working resolution (None with ``resize="none"``); ``batch_size``: images per forward pass."""
 
     images: str
@@ -69,7 +75,7 @@ def save(train_dir, cfg: net_lib.NetConfig, params) -> Path:
 
 def load(train_dir):
     """``(NetConfig, params)`` of a trained immunizer; FileNotFoundError names the missing file."""
-    d = Path(train_dir)
+    d = resolve(train_dir)
     for name in (CONFIG_FILE, PARAMS_FILE):
         if not (d / name).is_file():
             raise FileNotFoundError(f"{d / name}: no trained immunizer there (run `experiments.immunizer train` "
@@ -89,7 +95,7 @@ def make_apply(cfg: net_lib.NetConfig, mesh=None):
 
 def settings(cfg: ProtectConfig, net_cfg: net_lib.NetConfig) -> dict:
     """What determines the protected images (recorded in the manifest; a resumed run must match)."""
-    blob = (Path(cfg.immunizer) / PARAMS_FILE).read_bytes()
+    blob = (resolve(cfg.immunizer) / PARAMS_FILE).read_bytes()
     return {"immunizer_sha256": hashlib.sha256(blob).hexdigest(), "eps": net_cfg.eps,
             "features": list(net_cfg.features), "size": cfg.size, "resize": cfg.resize}
 
@@ -127,8 +133,7 @@ def _protect_fn(apply, params, loaded: dict, per: int):
     def protect(bi, ids, on_iter):
         x = np.stack([loaded[i].array for i in ids]).astype(np.float32)
         x = np.concatenate([x, np.repeat(x[-1:], per - len(ids), axis=0)]) if len(ids) < per else x
-        delta = np.asarray(jax.device_get(apply(params, x)))[: len(ids)]
-        on_iter(1, {})
+        delta = np.asarray(jax.device_get(apply(params, x)))[: len(ids)]  # no iterations: no progress line
         return run_batches.BatchResult(delta=delta, history={})
 
     return protect
@@ -156,6 +161,7 @@ def protect_folder(cfg: ProtectConfig, progress=print) -> dict:
         run_batches.run(wd, manifest, work, _protect_fn(apply, params, loaded, per), finish,
                         run_batches.Clock(len(work), 1, progress))
         seconds = time.perf_counter() - t0
+        progress(f"{len(loaded)} image(s) protected and written in {seconds:.2f} s ({len(work)} batch(es) of {per})")
         entries = run_report.merged_entries(manifest, sel.owned, proc)
         rows = [run_report.row(e) for e in entries]
         if proc.is_main:

@@ -1,11 +1,12 @@
 """A training run of the immunizer, the library side of ``python -m experiments.immunizer train``.
 
 ``validate(spec)`` refuses every bad combination before anything is read or written (:class:`UsageError`:
-the command exits 2 with its one-line message). ``train(spec)`` loads the surrogate, builds the
-miniature-world pool (``data.py``), compiles the step over the data mesh (``trainer.py``), trains with orbax
-checkpoints under ``<workdir>/ckpt`` (re-running the same command resumes; a checkpoint of other settings is
-refused before anything is written, like a workdir whose ``config.json`` records other settings) and writes into ``<workdir>``: ``config.json`` (the settings), ``git_revision.txt``,
-``curves.json`` (every metric per step), ``training.json`` (steps, wall time, machine) and the trained network (``protect.save``: ``immunizer.msgpack`` +
+the command exits 2 with its one-line message); so does ``preflight`` for a workdir whose ``config.json`` records
+other settings. ``train(spec)`` loads the surrogate, builds the miniature-world pool (``data.py``), compiles the
+step over the data mesh (``trainer.py``), trains with orbax checkpoints under ``<workdir>/ckpt`` (re-running the
+same command resumes; a longer ``--train_steps`` continues a shorter run) and writes into ``<workdir>``:
+``config.json`` (the settings), ``git_revision.txt``, ``curves.json`` (every metric per step), ``training.json``
+(steps, wall time, machine) and the trained network (``protect.save``: ``immunizer.msgpack`` +
 ``immunizer.json``), which ``experiments.immunizer protect`` reads.
 """
 from __future__ import annotations

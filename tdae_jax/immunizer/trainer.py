@@ -65,7 +65,8 @@ def fit(trainer: Trainer, batch_at: Callable[[int], dict], steps: int, key: jax.
         ckpt: checkpoint.UnitCheckpointer | None = None, meta: dict | None = None,
         on_step: Callable[[int, dict], None] | None = None):
     """Train to ``steps`` steps, resuming from ``ckpt``'s latest checkpoint (``ValueError`` if it has another
-    ``meta["fingerprint"]``: a training of other settings is never continued). ``batch_at(n)``: the batch of step n (0-based), a pure function of n.
+    ``meta["fingerprint"]``: a training of other settings is never continued). ``batch_at(n)``: the batch of
+    step n (0-based), a pure function of n.
 
     Returns ``(state, history, start)``: the final ``TrainState``, ``{metric: [float per step]}`` for every
     step of the run (the restored ones included) and the step it resumed from (0: a fresh run).

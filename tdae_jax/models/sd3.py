@@ -129,6 +129,16 @@ class SD3:
         """``(1 - σ) z0 + σ ε`` at float timesteps ``t = 1000 σ`` (``[B]`` or scalar)."""
         return flow_match.scale_noise(z0, noise, self.sigma(t))
 
+    def guided_eps(self, z_t, t, emb, uncond, cond: dict, guidance_scale: float,
+                   image_guidance_scale: float = 1.5) -> jax.Array:
+        """Classifier-free guided velocity as ``StableDiffusion3Img2ImgPipeline``: the negative branch has its own
+        pooled projection (``cond["pooled"]`` / ``cond["uncond_pooled"]``); ``image_guidance_scale`` is unused."""
+        if guidance_scale <= 1.0 or uncond is None:
+            return self.eps(z_t, t, emb, **cond)
+        e_c = self.eps(z_t, t, emb, pooled=cond["pooled"])
+        e_u = self.eps(z_t, t, uncond, pooled=cond["uncond_pooled"])
+        return e_u + guidance_scale * (e_c - e_u)
+
     def eps(self, z_t, t, emb, image_latents=None, mask=None, masked_latents=None, pooled=None,
             uncond_pooled=None) -> jax.Array:
         """Epsilon adapter: ``ε̂ = z_t + (1 - σ) v``.

@@ -139,6 +139,10 @@ class Surrogate:
         """Unscaled posterior mode, as InstructPix2Pix uses for its image condition."""
         return self.moments(x)[0]
 
+    def normalize(self, raw: jax.Array) -> jax.Array:
+        """``raw * scaling_factor``: raw VAE latents -> the UNet's latent space (``SD3.normalize`` also shifts)."""
+        return raw * self.static.scaling_factor
+
     def decode(self, z: jax.Array) -> jax.Array:
         """Images ``[B,H,W,3]`` in [0,1] (not clipped, so gradients pass) from scaled latents ``[B,C,h,w]``."""
         # NHWC in: FlaxAutoencoderKL.decode only transposes NCHW input when shape[-1] != latent_channels,
@@ -212,6 +216,24 @@ class Surrogate:
         """Epsilon prediction ``[B,C,h,w]`` at per-image timesteps ``t``."""
         out = self.unet_out(z_t, t, emb, image_latents, mask, masked_latents)
         return self.to_eps(out, z_t, jnp.broadcast_to(jnp.asarray(t), (z_t.shape[0],)))
+
+    def guided_eps(self, z_t, t, emb, uncond, cond: dict, guidance_scale: float,
+                   image_guidance_scale: float = 1.5) -> jax.Array:
+        """Classifier-free guided epsilon, as the diffusers pipelines compute it (``guidance_scale`` <= 1 or no
+        ``uncond``: the conditional branch alone). sd / inpaint: eps_u + s (eps_c - eps_u). ip2p
+        (``StableDiffusionInstructPix2PixPipeline``: text+image, image only, none): eps_u + s_T (eps_ti - eps_i)
+        + s_I (eps_i - eps_u), with the null image latents = 0."""
+        if guidance_scale <= 1.0 or uncond is None:
+            return self.eps(z_t, t, emb, **cond)
+        if self.family == "ip2p":
+            img = cond["image_latents"]
+            e_ti = self.eps(z_t, t, emb, image_latents=img)
+            e_i = self.eps(z_t, t, uncond, image_latents=img)
+            e_u = self.eps(z_t, t, uncond, image_latents=jnp.zeros_like(img))
+            return e_u + guidance_scale * (e_ti - e_i) + image_guidance_scale * (e_i - e_u)
+        e_c = self.eps(z_t, t, emb, **cond)
+        e_u = self.eps(z_t, t, uncond, **cond)
+        return e_u + guidance_scale * (e_c - e_u)
 
     # ------------------------------------------------------------------ text
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray:

@@ -42,9 +42,7 @@ def encode_sample(sur: Surrogate, x: jax.Array, keys: jax.Array) -> jax.Array:
     """Scaled latents with per-image posterior noise (``latent_dist.sample()``)."""
     mean, std = sur.moments(x)
     noise = jax.vmap(lambda kk, m: jax.random.normal(kk, m.shape, m.dtype))(posterior_sample_keys(keys), mean)
-    if sur.family == "sd3":  # (z - shift_factor) * scaling_factor
-        return sur.normalize(mean + std * noise)
-    return (mean + std * noise) * sur.static.scaling_factor
+    return sur.normalize(mean + std * noise)  # SD3: (z - shift_factor) * scaling_factor
 
 
 def conditioning(sur: Surrogate, x: jax.Array, batch: dict, keys: jax.Array | None = None) -> dict:
@@ -104,30 +102,6 @@ def inpaint_mask(batch: dict, x: jax.Array) -> jax.Array:
     xx = (jnp.arange(w) >= w // 4) & (jnp.arange(w) < 3 * w // 4)
     m = (yy[:, None] & xx[None, :]).astype(x.dtype)
     return jnp.broadcast_to(m[None, :, :, None], (b, h, w, 1))
-
-
-def guided_eps(sur: Surrogate, z_t, t, emb, uncond, cond: dict, guidance_scale: float,
-               image_guidance_scale: float = 1.5) -> jax.Array:
-    """Classifier-free guided epsilon, as the diffusers pipelines compute it.
-
-    sd / inpaint: eps_u + s (eps_c - eps_u). ip2p (three branches: text+image, image only, none):
-    eps_u + s_T (eps_ti - eps_i) + s_I (eps_i - eps_u), with the null image latents = 0.
-    """
-    if guidance_scale <= 1.0 or uncond is None:
-        return sur.eps(z_t, t, emb, **cond)
-    if sur.family == "sd3":  # the negative branch has its own pooled projection
-        e_c = sur.eps(z_t, t, emb, pooled=cond["pooled"])
-        e_u = sur.eps(z_t, t, uncond, pooled=cond["uncond_pooled"])
-        return e_u + guidance_scale * (e_c - e_u)
-    if sur.family == "ip2p":
-        img = cond["image_latents"]
-        e_ti = sur.eps(z_t, t, emb, image_latents=img)
-        e_i = sur.eps(z_t, t, uncond, image_latents=img)
-        e_u = sur.eps(z_t, t, uncond, image_latents=jnp.zeros_like(img))
-        return e_u + guidance_scale * (e_ti - e_i) + image_guidance_scale * (e_i - e_u)
-    e_c = sur.eps(z_t, t, emb, **cond)
-    e_u = sur.eps(z_t, t, uncond, **cond)
-    return e_u + guidance_scale * (e_c - e_u)
 
 
 def per_image_mean(a: jax.Array) -> jax.Array:

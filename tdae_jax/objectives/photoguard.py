@@ -119,11 +119,11 @@ def _one_pass(sur: Surrogate, cfg: Objective, plan: schedulers.Plan, from_noise:
         else:  # img2img: scheduler.add_noise(z0, noise, timesteps[0]) of a posterior sample
             z = schedulers.start_from_image(plan, common.encode_sample(sur, x, keys), noise)
         step_noise = common.draw_noise(keys, plan.num_steps, shape, STEP_NOISE_STREAM) if plan.stochastic else None
-        uncond = batch.get("uncond")  # guided_eps: no guidance when None or guidance_scale <= 1
+        uncond = batch.get("uncond")  # sur.guided_eps: no guidance when None or guidance_scale <= 1
 
         def model_fn(z_in, t):
             tt = jnp.full((z_in.shape[0],), t).astype(jnp.int32)  # DDIM timesteps are integers
-            return common.guided_eps(sur, z_in, tt, emb, uncond, cond, cfg.guidance_scale, cfg.image_guidance_scale)
+            return sur.guided_eps(z_in, tt, emb, uncond, cond, cfg.guidance_scale, cfg.image_guidance_scale)
 
         z = schedulers.denoise(plan, model_fn, z, step_noise, remat=cfg.remat)
         y = sur.decode(z)
