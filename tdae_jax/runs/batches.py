@@ -63,7 +63,7 @@ class Clock:
             eta = (now - t1) / (done - n1) * (self.total - done) if done > n1 else float("nan")
             loss = info.get("loss")
             mean = float(np.mean(loss)) if loss is not None and len(loss) else float("nan")
-            eta_s = f"ETA {hms(eta)}" if np.isfinite(eta) else "ETA (compiling)"
+            eta_s = f"ETA {hms(eta)}" if np.isfinite(eta) else "ETA (after the next report)"
             self.progress(f"batch {bi + 1}/{self.n_batches} ({n_images} img) iter {it}/{self.steps} "
                           f"loss={mean:.5g} elapsed {hms(now - self.t_run)} {eta_s}")
 
