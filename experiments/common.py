@@ -45,6 +45,17 @@ def listed(name: str) -> None:
             names.append(name)
 
 
+def define_once(shared, kind: str, name: str, default, *args) -> None:
+    """Define a flag of a command unless another imported command already did, and list it in the current
+    :func:`section`. Flags named in ``shared`` mean the same in several commands: when two are imported in one
+    process (the test suite) whichever comes first defines them, and these definitions allow the other to replace
+    them (the flagfiles set every value they rely on). ``args``: the help string (enum: the choices, then it)."""
+    listed(name)
+    if name in FLAGS:
+        return
+    track(getattr(flags, f"DEFINE_{kind}"))(name, default, *args, allow_override=name in shared)
+
+
 def help_groups(command: str, groups: dict[str, list[str]]) -> None:
     """Declare the ``--help`` groups of a command whose flags are defined with ``flags.DEFINE_*`` directly."""
     for title, names in groups.items():

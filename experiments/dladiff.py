@@ -31,14 +31,8 @@ COMMAND = "experiments.dladiff"
 
 
 def _define(kind: str, name: str, default, *args):
-    """Define a flag once. The IO flags (``SHARED``) mean the same in experiments.tdae: when both modules are
-    imported in one process (the test suite) whichever comes first defines them, and ours allow the other's
-    definition to replace them (the flagfiles set every value they rely on). ``args``: the help string
-    (enum: the choices, then the help string). Either way the flag is listed in this command's ``--help``."""
-    common.listed(name)
-    if name in FLAGS:
-        return
-    common.track(getattr(flags, f"DEFINE_{kind}"))(name, default, *args, allow_override=name in SHARED)
+    """``common.define_once`` with this command's ``SHARED`` flags."""
+    common.define_once(SHARED, kind, name, default, *args)
 
 
 def define_flags():

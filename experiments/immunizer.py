@@ -37,10 +37,8 @@ SHARED = {"images", "workdir", "weights_dir", "surrogate", "objective", "target"
 
 
 def _define(kind: str, name: str, default, *args):
-    common.listed(name)
-    if name in FLAGS:
-        return
-    common.track(getattr(flags, f"DEFINE_{kind}"))(name, default, *args, allow_override=name in SHARED)
+    """``common.define_once`` with this command's ``SHARED`` flags."""
+    common.define_once(SHARED, kind, name, default, *args)
 
 
 def define_flags():
