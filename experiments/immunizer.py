@@ -98,7 +98,10 @@ def define_flags():
     _define("string", "measure_study_dir", "results/reproduce_mini32", "measure: the reproduction study whose held-out "
             "pairs and stored per-pair outcomes the immunizer is compared with.")
     _define("integer", "measure_pairs", 128, "measure: study pairs scored (the first N; the study has 128).")
-    _define("string", "measure_victim", "ip2p_a", "measure: the shipped victim editor.")
+    _define("list", "measure_victims", ["ip2p_a", "ip2p_b", "ip2p_c", "sd_a", "sd_b", "sd_c"],
+            "measure: the shipped victims (the study's: intra ip2p_a, cross ip2p_b/c, SDEdit sd_a/b/c).")
+    _define("list", "measure_purifiers", ["jpeg75", "resize0.5", "blur1", "noise4"],
+            "measure: purifications of the immunized images (the study's), plus none and the worst case.")
     _define("integer", "measure_throughput_images", 16, "measure: images of the throughput comparison (0 = skip).")
     _define("string", "measure_out", "", "measure: JSON file for the results (also printed).")
     common.section("", "")
@@ -196,10 +199,22 @@ def run_measure() -> int:
                                   "(run experiments.reproduce)")
     if not 1 <= FLAGS.measure_pairs <= 128 or FLAGS.measure_throughput_images < 0:
         return common.usage_error("--measure_pairs must be in 1..128 and --measure_throughput_images >= 0")
+    from tdae_jax import purify
+    from tdae_jax.miniature import shipped
+
+    unknown = [v for v in FLAGS.measure_victims if v not in shipped.names() or shipped.family(v) == "vae"]
+    if unknown or not FLAGS.measure_victims:
+        return common.usage_error(f"--measure_victims: {unknown or 'none given'}: not shipped editors "
+                                  f"({', '.join(n for n in shipped.names() if shipped.family(n) != 'vae')})")
+    try:
+        purify.parse(FLAGS.measure_purifiers)
+    except ValueError as e:
+        return common.usage_error(f"--measure_purifiers: {e}")
     log = logging.getLogger("tdae_jax").info
     try:
         out = {"edit": measure.edit_success(FLAGS.immunizer, FLAGS.measure_study_dir, FLAGS.measure_pairs,
-                                            FLAGS.measure_victim, progress=log)}
+                                            tuple(FLAGS.measure_victims), tuple(FLAGS.measure_purifiers),
+                                            progress=log)}
         if FLAGS.measure_throughput_images:
             with tempfile.TemporaryDirectory(prefix="immunizer_measure_") as tmp:
                 out["throughput"] = measure.throughput(FLAGS.immunizer, tmp, FLAGS.measure_throughput_images,

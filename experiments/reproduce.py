@@ -22,7 +22,7 @@ from absl import flags
 from experiments import common
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("world", "mini32", "Miniature world: mini32 (32 px scenes, the shipped models).")
+flags.DEFINE_string("world", "mini32", "Miniature world: mini32 or mini64 (32 / 64 px scenes); the models must be trained in it.")
 flags.DEFINE_integer("world_seed", 31337, "World seed of the held-out pairs (never used in training or tests).")
 flags.DEFINE_integer("pairs", 128, "Edit pairs per cell.")
 flags.DEFINE_list("edit_kinds", ["recolour", "remove"], "Edit kinds (the shipped editors' training kinds).")
@@ -54,7 +54,7 @@ common.help_groups("experiments.reproduce", {
     "output": ["study_dir", "page", "timing_host", "timing_iters", "report_only", "quick"]})
 
 QUICK = dict(n=8, rows=("noise", "pgd"), eps=(16,), threats=("blind",), victims=("ip2p_a",), sdedit_victims=(),
-             purifiers=("jpeg75",), steps=2, edit_steps=4, batch_size=8)
+             purifiers=("jpeg75",), steps=2, edit_steps=4, denoise_steps=1, batch_size=8)
 
 
 def config_from_flags(F):

@@ -25,7 +25,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from tdae_jax import checkpoint, configs, objectives, prng, runtime
+from tdae_jax import checkpoint, configs, models, objectives, prng, runtime
 from tdae_jax import eot as eot_lib
 from tdae_jax.data import io as dio
 from tdae_jax.data.manifest import find_prompt
@@ -224,8 +224,6 @@ class RunResult:
 @functools.lru_cache(maxsize=4)
 def _tiny(family: str):
     """The built-in tiny surrogate (one object per family: runs in one process share compiled steps)."""
-    from tdae_jax import models
-
     log.warning("no --weights_dir: using the built-in tiny random %s surrogate (plumbing only: its "
                 "protection is not meaningful)", family)
     return models.tiny(family, seed=0)
@@ -243,8 +241,6 @@ def _variant(sur, memory_efficient: bool, dtype: str):
 
 
 def load_surrogate(cfg: RunConfig):
-    from tdae_jax import models
-
     chunked = cfg.memory_efficient_attention  # RunConfig and DLADiffRunConfig both carry both
     if chunked and cfg.surrogate == "sd3":
         raise UsageError("--memory_efficient_attention: implemented for the UNet surrogates (sd, ip2p, inpaint); "
@@ -260,14 +256,6 @@ def load_surrogate(cfg: RunConfig):
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load surrogate {cfg.surrogate!r} from {cfg.weights_dir or '<built-in>'}: {e}") from e
     return _variant(sur, chunked, cfg.dtype)
-
-
-def _prompt_for(entry: dict | None, family: str, default: str) -> str:
-    if not entry:
-        return default
-    if family == "ip2p":
-        return entry.get("instruction") or entry.get("caption") or default
-    return entry.get("edited_prompt") or entry.get("caption") or entry.get("instruction") or default
 
 
 def run(cfg: RunConfig, progress: Callable[[str], None] = log.info) -> RunResult:
@@ -441,18 +429,18 @@ def _batch(cfg: RunConfig, sur, embed, loaded: dict, ids: list[str], prompts: di
     """The step's batch for ``ids`` (a dummy row, never written, when this process has none left) and the texts."""
     if ids:
         x0 = np.stack([loaded[i].array for i in ids])
-        texts = [_prompt_for(find_prompt(prompts, i, loaded[i].path), sur.family, cfg.default_prompt) for i in ids]
+        texts = [models.edit_text(find_prompt(prompts, i, loaded[i].path), sur.family, cfg.default_prompt)
+                 for i in ids]
     else:
         x0, texts = np.zeros((1, cfg.size, cfg.size, 3), np.float32), [""]
     batch = {"x0": x0, "uid": prng.uids(ids or ["<pad>"])}
     if embed is None:
         return batch, texts
-    if sur.family == "sd3":  # emb = prompt_embeds (DPD's variable); pooled fixed (models/sd3.py)
-        batch.update(sur.text_batch(texts))
+    text = sur.text_batch(texts, embed=embed)  # emb (DPD's variable), the CFG negative, the family's extras
+    token_ids = text.pop("token_ids", None)
+    batch.update(text)
+    if token_ids is None:  # no CLIP token ids (SD3): no Semantic Attack mask (SA is refused for it)
         return batch, texts
-    token_ids = sur.tokenize(texts)
-    batch["emb"] = np.asarray(embed(token_ids))
-    batch["uncond"] = np.asarray(embed(sur.tokenize([""] * len(texts))))
     batch["token_mask"], missing = objectives.semantic_attention.target_token_mask(
         token_ids, sur.static.tokenizer, cfg.objective.sa_tokens)
     for j in [j for j in missing if j < len(ids)]:  # SA: no --sa_tokens word in it: all its tokens

@@ -79,9 +79,13 @@ def test_layer1_flagfile_and_resume(inputs, tmp_path, capsys):
     assert "2 skipped" in capsys.readouterr().out
 
 
-def test_layer2_flagfile(inputs, tmp_path):
+def test_layer2_flagfile(inputs, tmp_path, caplog):
     work = tmp_path / "l2"
+    caplog.set_level("INFO", logger="tdae_jax")
     assert run("dladiff_layer2.flags", inputs, work, "--dtype=bfloat16") == 0
+    # progress at every similarity check (--zs_check_every=6 of --zs_max_steps=12), not silence
+    assert "astronaut.png: layer 2 step 6/12, identity cosine" in caplog.text
+    assert "astronaut.png: layer 2 step 12/12" in caplog.text
     # --dtype reaches the run config (layer 2 alone loads no diffusion surrogate; bf16 runs: test_dladiff.py)
     assert json.loads((work / "config.json").read_text())["dtype"] == "bfloat16"
     j = jsonl(work)

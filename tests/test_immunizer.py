@@ -3,8 +3,9 @@ once, sharded == unsharded, FDM and DPD in the parameter gradient), bit-identica
 workdir contract, and both commands end to end on the built-in tiny InstructPix2Pix surrogate.
 
 The step tests use a small analytic per-image loss that reads the image, the text embedding, the per-image noise
-and a "model" pytree passed as an argument (as the surrogate is), so they compile in seconds; the end-to-end test
-runs the real objective (AdvDM) with FDM and DPD on the tiny surrogate.
+and a "model" pytree passed as an argument (as the surrogate is), so they compile in seconds (FDM and DPD are
+checked there); the end-to-end test runs the real objective (AdvDM) on the tiny surrogate. The measurement's
+bookkeeping (per victim and purification, against a study's stored rows) runs on a shipped editor.
 """
 import csv
 import hashlib
@@ -309,3 +310,33 @@ def test_train_then_protect_end_to_end_on_the_tiny_ip2p(tmp_path, inputs, capsys
     assert protect_run([f"--images={inputs}", f"--immunizer={train_wd}", f"--workdir={wd}", "--size=32",
                         "--batch_size=2", "--num_devices=1"]) == 1
     assert len(list((wd / "protected").glob("*.png"))) == 3
+
+
+def test_measure_compares_each_purification_and_the_worst_case_with_the_study_rows(tmp_path):
+    """``measure.victim_rows`` on 4 pairs of a test seed with the shipped ip2p_a: the clean row is recomputed and
+    checked against the stored one, the immunizer is compared with every stored row on the same pairs under each
+    purification, and the worst case is the per-pair OR over the purifications (rows stored for all of them)."""
+    from tdae_jax.evaluate import study as study_lib
+    from tdae_jax.immunizer import measure
+    from tdae_jax.miniature import shipped
+
+    cfg = study_lib.StudyConfig(seed=5151, n=4, rows=("noise",), victims=("ip2p_a",), sdedit_victims=())
+    sub = study_lib.pairs(cfg)
+    sur = shipped.load("ip2p_a")
+    clean = study_lib.edit_outcomes(sub["source"], sub, "ip2p_a", sur, cfg)
+    key = lambda pur: study_lib.score_key("ip2p_a", pur, cfg)  # noqa: E731
+    noise = {"none": [True, False, True, False], "jpeg75": [False, False, True, True]}
+    (tmp_path / "scores").mkdir()
+    (tmp_path / "scores" / "none__0__any.json").write_text(json.dumps({key("none"): clean}))
+    (tmp_path / "scores" / "noise__8__any.json").write_text(json.dumps({key(p): v for p, v in noise.items()}))
+    out = measure.victim_rows(tmp_path, 8, sub, sub["source"], "ip2p_a", sur, ("none", "jpeg75"), cfg)
+    assert set(out) == {"none", "jpeg75", "worst"}
+    assert set(out["none"]["rates"]) == {"none", "noise", "immunizer"}
+    assert out["none"]["rates"]["immunizer"] == out["none"]["rates"]["none"]  # the identity "immunizer" is clean
+    assert out["none"]["immunizer_vs"]["none"]["diff"] == 0.0
+    assert set(out["jpeg75"]["rates"]) == {"noise", "immunizer"}  # no stored clean row under jpeg75
+    assert out["worst"]["rates"]["noise"]["rate"] == 0.75  # [T,F,T,F] or [F,F,T,T]
+    assert set(out["worst"]["rates"]) == {"noise", "immunizer"}
+    (tmp_path / "scores" / "none__0__any.json").write_text(json.dumps({key("none"): [not c for c in clean]}))
+    with pytest.raises(ValueError, match="not the same protocol"):
+        measure.victim_rows(tmp_path, 8, sub, sub["source"], "ip2p_a", sur, ("none",), cfg)

@@ -154,3 +154,21 @@ def test_prompts_jsonl_and_header_errors(tmp_path):
     (tmp_path / "p.txt").write_text("x")
     with pytest.raises(DataError, match="unknown prompts format .txt"):
         load_prompts(tmp_path / "p.txt")
+
+
+def test_each_family_edits_with_its_own_field_of_a_prompts_row():
+    """InstructPix2Pix takes the instruction; img2img, inpainting and SD3 a description of the edited image; a
+    missing or empty field falls through to the next, then to the run's default (one rule: the protector and the
+    evaluation's victims read rows alike)."""
+    from tdae_jax import models
+
+    row = {"instruction": "make the car red", "caption": "a car", "edited_prompt": "a red car"}
+    assert models.edit_text(row, "ip2p", "d") == "make the car red"
+    for fam in ("sd", "inpaint", "sd3"):
+        assert models.edit_text(row, fam, "d") == "a red car"
+        assert models.edit_text({**row, "edited_prompt": ""}, fam, "d") == "a car"
+    assert models.edit_text({"caption": "a car"}, "ip2p", "d") == "a car"
+    assert models.edit_text({"edited_prompt": "a red car"}, "ip2p", "d") == "d"
+    assert models.edit_text(None, "sd", "d") == "d"
+    with pytest.raises(ValueError, match="unknown model family"):
+        models.edit_text(row, "dalle", "d")

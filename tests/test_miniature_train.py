@@ -44,9 +44,10 @@ def test_vae_trainer_finite_and_resumes(tmp_path):
     assert any(line.startswith("resumed from step 2") for line in lines)
     assert int(resumed["step"]) == 2 and _leaves_equal(resumed["ema"], saved["ema"])
     assert _leaves_equal(resumed["opt_state"], saved["opt_state"]) and len(hist2) == len(hist)
-    # and one more step continues from there
-    more, _ = T.train_loop(step, resumed, batches, steps=3, **kw)
-    assert int(more["step"]) == 3
+    # and one more step continues from there; the training time is summed over both runs
+    more, hist3 = T.train_loop(step, resumed, batches, steps=3, **kw)
+    assert int(more["step"]) == 3 and hist3[:2] == hist
+    assert hist3[-1]["elapsed_s"] >= hist[-1]["elapsed_s"] > 0
 
 
 @pytest.mark.parametrize("family", ["ip2p", "sd"])

@@ -42,7 +42,8 @@ CASES = [(h, "ip2p") for h in HOSTS] + [("pgd", "sd"), ("advdm", "sd")]
 @pytest.mark.parametrize("host,family", CASES)
 def test_objective_falls_under_pgd(host, family):
     sur, batch = _world(family)
-    cfg = configs.Objective(name=host, timesteps=2, denoise_steps=2, pgd_grad_reps=2)  # 2 passes: reps averaged
+    # 2 passes (reps averaged in a scan); 1 unrolled sampler step (the chain itself: test_photoguard.py)
+    cfg = configs.Objective(name=host, timesteps=2, denoise_steps=1, pgd_grad_reps=2)
     stochastic = objectives.make_objective(host, sur, cfg)
     # One fixed (t, eps) draw: the objective becomes a deterministic function of delta, so "it falls" is a
     # property of the optimiser's direction (a sign error would make it rise), not of Monte-Carlo luck.

@@ -10,7 +10,8 @@ SEED = 9090
 
 def test_usage_errors_exit_2_before_writing(tmp_path, capsys):
     for bad in (["--rows=noise,foo"], ["--budgets=300"], ["--threats=psychic"], ["--ip2p_victims=nope"],
-                ["--rows=pge_tdae"], ["--pairs=1"]):
+                ["--rows=pge_tdae"], ["--pairs=1"],
+                ["--world=mini64"]):  # the 32 px models in the 64 px world
         wd = tmp_path / "wd"
         rc = reproduce.run_cli(["reproduce", f"--study_dir={wd}", f"--page={tmp_path}/r.md", *bad])
         assert rc == 2, bad

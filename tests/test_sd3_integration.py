@@ -254,7 +254,7 @@ def test_cli_sd3_pge_fdm(images, tmp_path, tiny):
 
 def test_cli_sd3_pgd_tdae_with_t5_budget(images, tmp_path, tiny):
     work = tmp_path / "pgd"
-    code = _run([f"--images={images}", f"--workdir={work}", "--objective=pgd", "--denoise_steps=2",
+    code = _run([f"--images={images}", f"--workdir={work}", "--objective=pgd", "--denoise_steps=1",
                  "--defense=tdae", "--guidance_scale=1.0", "--dpd_period=1", "--dpd_steps=2",
                  "--dpd_eps=0.03137254901960784", "--dpd_eps_t5=0.01", "--dpd_step_size=0.02"])
     assert code == 0

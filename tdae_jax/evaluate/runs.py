@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tdae_jax import models
 from tdae_jax.data import io as dio
 from tdae_jax.data.manifest import Manifest
 from tdae_jax.evaluate.scores import compare
@@ -136,10 +137,5 @@ def prompt_for(item: Item, family: str, override: str = "") -> str:
     if override:
         return override
     default = item.run.config.get("default_prompt") or "make it a watercolor painting"
-    rec = _find_prompt(item)
-    if not rec:
-        return default
-    if family == "ip2p":
-        return rec.get("instruction") or rec.get("caption") or default
-    return rec.get("edited_prompt") or rec.get("caption") or rec.get("instruction") or default
+    return models.edit_text(_find_prompt(item), family, default)
 

@@ -41,7 +41,7 @@ from tdae_jax.miniature import oracle, shipped, world
 from tdae_jax.miniature import protection as mp
 from tdae_jax.miniature import train as T
 
-WORLDS = {"mini32": 32}
+WORLDS = {"mini32": 32, "mini64": 64}  # world name -> image size (its models are trained at that size)
 THREATS = ("blind", "known")
 PROTECTOR_STREAM = 0x50524F54  # separate random stream for the blind protector's instruction
 
@@ -97,6 +97,10 @@ def _validate(c: StudyConfig) -> None:
     for v in (c.surrogate, *c.victims, *c.sdedit_victims):
         if v not in names:
             raise StudyError(f"model {v!r} is not a shipped miniature model ({', '.join(names)})")
+        size = shipped.info(v)["Data"]["size"]
+        if size != WORLDS[c.world]:
+            raise StudyError(f"model {v!r} was trained at {size} px, not in the {c.world} world "
+                             f"({WORLDS[c.world]} px)")
     for t in c.threats:
         if t not in THREATS:
             raise StudyError(f"--threats: unknown threat model {t!r}; choose from {', '.join(THREATS)}")

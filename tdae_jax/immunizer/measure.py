@@ -39,9 +39,10 @@ def immunize(net_cfg: net_lib.NetConfig, params, x_uint8: np.ndarray, batch: int
     return np.concatenate(out)
 
 
-def stored_outcomes(study_dir, eps_255: int, victim: str, cfg: study_lib.StudyConfig) -> dict[str, list[bool]]:
-    """The study's per-pair outcomes of :data:`STUDY_ROWS` at ``eps_255`` (rows it has not computed are left out)."""
-    key, out = study_lib.score_key(victim, "none", cfg), {}
+def stored_outcomes(study_dir, eps_255: int, key: str) -> dict[str, list[bool]]:
+    """The study's per-pair outcomes of :data:`STUDY_ROWS` at ``eps_255`` under the score ``key`` (victim,
+    purifier, sampler: ``study.score_key``); rows it has not computed are left out."""
+    out = {}
     for row in STUDY_ROWS:
         path = Path(study_dir) / "scores" / f"{row.format(e=eps_255)}.json"
         if path.is_file():
@@ -51,30 +52,57 @@ def stored_outcomes(study_dir, eps_255: int, victim: str, cfg: study_lib.StudyCo
     return out
 
 
-def edit_success(train_dir, study_dir, n: int, victim: str = "ip2p_a", progress=print) -> dict:
-    """Edit success of ``victim`` on the first ``n`` study pairs: clean, immunized, and the study's rows."""
+def _compare(rows: dict[str, list[bool]]) -> dict:
+    """Rates with intervals, and the immunizer paired against every other row (same pairs)."""
+    return {"rates": {k: stats.rate_ci(v)._asdict() for k, v in rows.items()},
+            "immunizer_vs": {k: stats.paired_diff_ci(v, rows["immunizer"])._asdict()
+                             for k, v in rows.items() if k != "immunizer"}}
+
+
+def victim_rows(study_dir, eps_255: int, sub: dict, immunized, victim: str, sur, purifiers, cfg) -> dict:
+    """One victim: per purifier, the immunizer's outcomes and the study's rows on the same pairs, compared; and
+    the worst case (a pair counts as edited when some purification, or none, lets the edit succeed: the study's
+    worst-case column). The unpurified clean row is recomputed and must equal the study's stored one."""
+    n, per = len(immunized), {}
+    for pur in purifiers:
+        rows = {k: v[:n] for k, v in stored_outcomes(study_dir, eps_255,
+                                                     study_lib.score_key(victim, pur, cfg)).items()}
+        if pur == "none":
+            clean = study_lib.edit_outcomes(sub["source"], sub, victim, sur, cfg)
+            if "none" in rows and rows["none"] != clean:
+                raise ValueError(f"{victim}: the recomputed clean outcomes differ from the study's: not the same "
+                                 "protocol")
+            rows["none"] = clean
+        rows["immunizer"] = study_lib.edit_outcomes(study_lib.purified(immunized, pur, sub), sub, victim, sur, cfg)
+        per[pur] = rows
+    out = {pur: _compare(rows) for pur, rows in per.items()}
+    if len(per) > 1:
+        shared = set.intersection(*(set(rows) for rows in per.values()))
+        out["worst"] = _compare({k: np.any([per[p][k] for p in per], axis=0).tolist() for k in sorted(shared)})
+    return out
+
+
+def edit_success(train_dir, study_dir, n: int, victims=("ip2p_a",), purifiers=("none",), progress=print) -> dict:
+    """Edit success of every victim (the study's intra, cross-model and SDEdit editors) on the first ``n`` study
+    pairs, immunized, under each purifier, against the study's rows on the same pairs (:func:`victim_rows`)."""
     from tdae_jax.miniature import shipped
 
+    if "none" not in purifiers:
+        purifiers = ("none", *purifiers)
     net_cfg, params = protect_lib.load(train_dir)
     eps_255 = int(round(net_cfg.eps * 255))
     cfg = study_lib.StudyConfig()
     pairs = study_lib.pairs(cfg)
     sub = {k: (v[:n] if isinstance(v, (list, np.ndarray)) else v) for k, v in pairs.items()}
-    sur = shipped.load(victim)
     t0 = time.perf_counter()
     immunized = immunize(net_cfg, params, sub["source"])
-    progress(f"immunized {n} images in {time.perf_counter() - t0:.2f} s; editing with {victim}")
-    rows = {k: v[:n] for k, v in stored_outcomes(study_dir, eps_255, victim, cfg).items()}
-    clean = study_lib.edit_outcomes(sub["source"], sub, victim, sur, cfg)
-    if "none" in rows and rows["none"] != clean:
-        raise ValueError("the recomputed clean outcomes differ from the study's: not the same protocol")
-    rows["none"] = clean
-    rows["immunizer"] = study_lib.edit_outcomes(immunized, sub, victim, sur, cfg)
-    linf = int(np.abs(immunized.astype(int) - sub["source"].astype(int)).max())
-    return {"n": n, "victim": victim, "eps_255": eps_255, "linf_255": linf, "world_seed": cfg.seed,
-            "rates": {k: stats.rate_ci(v)._asdict() for k, v in rows.items()},
-            "immunizer_vs": {k: stats.paired_diff_ci(v, rows["immunizer"])._asdict()
-                             for k, v in rows.items() if k != "immunizer"}}
+    progress(f"immunized {n} images in {time.perf_counter() - t0:.2f} s")
+    out = {"n": n, "eps_255": eps_255, "world_seed": cfg.seed, "purifiers": list(purifiers),
+           "linf_255": int(np.abs(immunized.astype(int) - sub["source"].astype(int)).max()), "victims": {}}
+    for v in victims:
+        progress(f"editing with {v} ({len(purifiers)} purifications)")
+        out["victims"][v] = victim_rows(study_dir, eps_255, sub, immunized, v, shipped.load(v), purifiers, cfg)
+    return out
 
 
 def steady_seconds_per_image(workdir) -> float:

@@ -92,10 +92,9 @@ def protect(sur, x0_uint8, prompts, eps, spec, steps, denoise_steps=4, *, ids=No
 
 def text_batch(sur, prompts) -> dict:
     """The text side of a batch: ``emb``, ``uncond`` (empty prompt) and SA's ``token_mask`` (every content token)."""
-    tok = sur.tokenize(list(prompts))
-    mask, _ = objectives.semantic_attention.target_token_mask(tok, sur.static.tokenizer)
-    return {"emb": np.asarray(sur.embed_ids(tok)), "uncond": np.asarray(sur.embed_ids(sur.tokenize([""] * len(tok)))),
-            "token_mask": mask}
+    text = sur.text_batch(list(prompts))
+    text["token_mask"], _ = objectives.semantic_attention.target_token_mask(text.pop("token_ids"), sur.static.tokenizer)
+    return text
 
 
 def noise_control(x0_uint8, eps: float, ids=None) -> np.ndarray:

@@ -249,18 +249,21 @@ def train_loop(step_fn, state, batch_fn: Callable[[int], dict], *, steps: int, k
                log_every: int = 25, time_limit_s: float = 0.0, meta: dict | None = None, log=print):
     """Runs ``step_fn`` until ``steps`` (or ``time_limit_s`` of wall time, if > 0), resuming from the latest
     orbax checkpoint under ``workdir/ckpt`` whose fingerprint matches ``meta``. Returns ``(state, history)``;
-    history is a list of ``{step, loss, ...}`` at each progress line (restored with the checkpoint)."""
+    history is a list of ``{step, loss, ..., elapsed_s}`` at each progress line (restored with the checkpoint);
+    ``elapsed_s`` is the training wall time summed over every run that contributed (a run stopped by its time
+    limit and continued later counts both)."""
     meta = dict(meta or {})
     fp = {"fingerprint": ckpt.fingerprint(meta)}
     saver = ckpt.UnitCheckpointer(Path(workdir) / "ckpt", ckpt_every) if workdir and ckpt_every > 0 else None
-    history = []
+    history, prior_s = [], 0.0
     if saver is not None:
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
         got = saver.restore(abstract, fp)
         if got is not None:
             _, state, m = got
             history = list(m.get("history", []))
-            log(f"resumed from step {int(state['step'])}")
+            prior_s = float(m.get("train_s", history[-1]["elapsed_s"] if history else 0.0))
+            log(f"resumed from step {int(state['step'])} ({prior_s / 60:.1f} min of training before)")
     start, t0, last = int(state["step"]), time.time(), time.time()
     acc: dict = {}
     for i in range(start, steps):
@@ -274,7 +277,7 @@ def train_loop(step_fn, state, batch_fn: Callable[[int], dict], *, steps: int, k
             acc = {}
             el = time.time() - t0
             rate = el / max(done - start, 1)
-            row["elapsed_s"], row["s_per_step"] = round(el, 1), round(time.time() - last, 2) / log_every
+            row["elapsed_s"], row["s_per_step"] = round(prior_s + el, 1), round(time.time() - last, 2) / log_every
             history.append(row)
             eta = rate * (steps - done)
             log(f"step {done}/{steps} loss {row['loss']:.5f} " +
@@ -282,7 +285,8 @@ def train_loop(step_fn, state, batch_fn: Callable[[int], dict], *, steps: int, k
                 f" | {rate:.2f} s/step, elapsed {el / 60:.1f} min, ETA {eta / 60:.1f} min")
             last = time.time()
         if saver is not None and (done % ckpt_every == 0 or done == steps or timed_out):
-            saver.maybe_save(done, state, {**fp, "history": history}, force=True)
+            saver.maybe_save(done, state, {**fp, "history": history, "train_s": prior_s + time.time() - t0},
+                             force=True)
         if timed_out:
             log(f"time limit reached at step {done}")
             break

@@ -196,10 +196,11 @@ class SD3:
         the encoders are jitted inside with their params as arguments (a closure would bake T5 in)."""
         return self._text().embed_ids(*ids)
 
-    def text_batch(self, prompts: Sequence[str], negative: str = "") -> dict:
+    def text_batch(self, prompts: Sequence[str], negative: str = "", embed=None) -> dict:
         """The protect batch's text entries (numpy): ``emb`` = prompt_embeds ``[B, S, D]`` (what DPD perturbs),
         ``pooled`` ``[B, P]`` (fixed), and the CFG negative ``uncond`` / ``uncond_pooled`` of ``negative``
-        (diffusers: the empty string, encoded like a prompt, not zeros)."""
+        (diffusers: the empty string, encoded like a prompt, not zeros). ``embed`` is ignored: the three
+        encoders are jitted inside :meth:`embed_ids` (no token ids: SD3 has no Semantic Attack)."""
         prompts = list(prompts)
         pe, pooled = self.embed_text(prompts)
         ue, upooled = self.embed_text([negative] * len(prompts))

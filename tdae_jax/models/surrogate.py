@@ -255,6 +255,16 @@ class Surrogate:
     def embed_text(self, prompts: Sequence[str]) -> jax.Array:
         return self.embed_ids(self.tokenize(prompts))
 
+    def text_batch(self, prompts: Sequence[str], negative: str = "", embed=None) -> dict:
+        """The protect batch's text entries (numpy): ``emb`` ``[B,T,D]`` (what DPD perturbs), the CFG negative
+        ``uncond`` of ``negative`` (diffusers: the empty string, encoded like a prompt) and the prompts'
+        ``token_ids`` ``[B,T]`` (the Semantic Attack's token mask is read from them). ``embed``: a compiled
+        ``embed_ids`` to use (default: this surrogate's own)."""
+        embed = embed or self.embed_ids
+        ids = self.tokenize(prompts)
+        return {"emb": np.asarray(embed(ids)), "uncond": np.asarray(embed(self.tokenize([negative] * len(ids)))),
+                "token_ids": ids}
+
 
 def cast_floats(tree, dtype):
     """``tree`` with its floating-point leaves in ``dtype`` (integer leaves and leaves already in ``dtype``

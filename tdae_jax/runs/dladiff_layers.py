@@ -159,8 +159,13 @@ def layer2(cfg, li: dio.LoadedImage, x, delta, lm, encs) -> tuple[np.ndarray, np
 
     Raises ``ValueError`` when the face cannot be attacked (the caller fails that image)."""
     x_adv = np.clip(x + delta, 0.0, 1.0)
+    def progress(step, total, cos, active):
+        log.info("%s: layer 2 step %d/%d, identity cosine %.3f (threshold %.3f)%s", li.path.name, step, total,
+                 float(cos.max()), cfg.zs.threshold, "" if active.any() else ": below, stopping")
+
     d_img, info = zeroshot.protect_image(x, x_adv, lm, [e for e, _ in encs], [p for _, p in encs], cfg.zs,
-                                         jax.random.fold_in(prng.base_key(cfg.seed), 2), int(prng.uids([li.id])[0]))
+                                         jax.random.fold_in(prng.base_key(cfg.seed), 2), int(prng.uids([li.id])[0]),
+                                         on_check=progress)
     delta = np.clip(x + delta + d_img, 0.0, 1.0) - x
     metrics = {"zs_steps": int(info["zs/steps"]), "zs_cos_before": info["zs/cos_before"].tolist(),
                "zs_cos_after": float(np.max(info["zs/cos_after"]))}

@@ -231,7 +231,7 @@ def shift(ms: np.ndarray, y0: int, x0: int) -> np.ndarray:
 
 
 def protect_image(x_clean, x_adv, landmarks: dict, encoders, enc_params, cfg: ZSConfig, base_key, uid: int,
-                  bucket: int = 64) -> tuple[np.ndarray, dict]:
+                  bucket: int = 64, on_check=None) -> tuple[np.ndarray, dict]:
     """Algorithm 2 on one full-resolution image ``[H,W,3]`` in [0,1], computed on a window around the face
     only (the cost does not grow with the photo). The window side is rounded up to a multiple of ``bucket``
     (zero padding beyond the image), so faces of similar size share one compilation.
@@ -248,7 +248,7 @@ def protect_image(x_clean, x_adv, landmarks: dict, encoders, enc_params, cfg: ZS
     pad = ((side, side), (side, side), (0, 0))
     win = lambda a: np.pad(a, pad)[y0 + side:y0 + 2 * side, x0 + side:x0 + 2 * side]  # noqa: E731
     d, info = protect(win(x_clean)[None], win(x_adv)[None], None, encoders, enc_params, cfg, base_key, [uid],
-                      ms=shift(ms, y0, x0)[None])
+                      ms=shift(ms, y0, x0)[None], on_check=on_check)
     hh, ww = min(side, h - y0), min(side, w - x0)
     full = np.zeros_like(x_clean)
     full[y0:y0 + hh, x0:x0 + ww] = d[0, :hh, :ww]
@@ -260,7 +260,7 @@ def protect_image(x_clean, x_adv, landmarks: dict, encoders, enc_params, cfg: ZS
 
 
 def protect(x_clean, x_adv, landmarks: Sequence[dict], encoders: Sequence[idm.IdentityEncoder], enc_params,
-            cfg: ZSConfig, base_key, uid, ms=None) -> tuple[np.ndarray, dict]:
+            cfg: ZSConfig, base_key, uid, ms=None, on_check=None) -> tuple[np.ndarray, dict]:
     """Algorithm 2 for a batch of same-size images.
 
     Args:
@@ -270,6 +270,8 @@ def protect(x_clean, x_adv, landmarks: Sequence[dict], encoders: Sequence[idm.Id
       encoders/enc_params: the ensemble (same order).
       uid: ``[B] int32`` image uids (keys).
       ms: optional precomputed alignments ``[B,N,2,3]`` (then ``landmarks`` is unused).
+      on_check: optional ``f(step, max_steps, cos [B,N], active [B])``, called at every similarity check (every
+        ``cfg.check_every`` steps): the caller's progress line.
     Returns:
       ``(delta_img [B,H,W,3] float32, info)`` with ``info``: ``zs/steps [B]``, ``zs/cos_before [B,N]``,
       ``zs/cos_after [B,N]``, ``zs/mask [B,H,W,1]`` (the first encoder's crop footprint).
@@ -300,6 +302,8 @@ def protect(x_clean, x_adv, landmarks: Sequence[dict], encoders: Sequence[idm.Id
         if (s + 1) % cfg.check_every == 0 or s + 1 == cfg.max_steps:
             cos, _ = zs_eval_jit(state.delta, batch, enc_params, encoders, tk)
             active &= np.asarray(cos).max(1) >= cfg.threshold
+            if on_check is not None:
+                on_check(s + 1, cfg.max_steps, np.asarray(cos), active.copy())
     cos1, d_img = zs_eval_jit(state.delta, batch, enc_params, encoders, tk)
     mask = jax.vmap(lambda m: face_mask(m, s0, (h, w)))(ms[:, 0])
     info = {"zs/steps": steps, "zs/cos_before": np.asarray(cos0), "zs/cos_after": np.asarray(cos1),
