@@ -81,11 +81,14 @@ def main(argv):
         print(f"error: unexpected arguments: {argv[1:]}", file=sys.stderr)
         return 2
     from tdae_jax.evaluate import study, study_timing
+    from tdae_jax.runs import lock
 
     try:
         cfg = config_from_flags(FLAGS)
         if FLAGS.timing_iters < 0:
             raise study.StudyError(f"--timing_iters={FLAGS.timing_iters} must be >= 0")
+        if not FLAGS.report_only:  # a live study in this folder: refused before anything is written
+            lock.check(Path(FLAGS.study_dir) / study.LOCK, FLAGS.study_dir)
         store = study.Store(FLAGS.study_dir, cfg)
     except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)

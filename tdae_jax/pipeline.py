@@ -436,13 +436,8 @@ def _batch(cfg: RunConfig, sur, embed, loaded: dict, ids: list[str], prompts: di
     batch = {"x0": x0, "uid": prng.uids(ids or ["<pad>"])}
     if embed is None:
         return batch, texts
-    text = sur.text_batch(texts, embed=embed)  # emb (DPD's variable), the CFG negative, the family's extras
-    token_ids = text.pop("token_ids", None)
-    batch.update(text)
-    if token_ids is None:  # no CLIP token ids (SD3): no Semantic Attack mask (SA is refused for it)
-        return batch, texts
-    batch["token_mask"], missing = objectives.semantic_attention.target_token_mask(
-        token_ids, sur.static.tokenizer, cfg.objective.sa_tokens)
+    text, missing = objectives.semantic_attention.text_entries(sur, texts, cfg.objective.sa_tokens, embed)
+    batch.update(text)  # emb (DPD's variable), the CFG negative, SA's token mask, the family's extras
     for j in [j for j in missing if j < len(ids)]:  # SA: no --sa_tokens word in it: all its tokens
         log.warning("%s: none of --sa_tokens %s in the prompt %r: SA targets all its tokens",
                     ids[j], list(cfg.objective.sa_tokens), texts[j])

@@ -79,3 +79,35 @@ def test_study_flagfile_parses_to_the_documented_grid():
             "sa"} <= set(c.rows)
     assert c.seed not in (SEED, 1000, 2000, 4242)  # tables and tests use different pairs
     FLAGS.unparse_flags()
+
+
+def test_a_live_study_in_the_folder_is_refused_before_writing(tmp_path, capsys):
+    from tdae_jax.runs import lock
+
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    lock._create(wd / study.LOCK)  # held by this (live) process
+    rc = reproduce.run_cli(["reproduce", "--quick", f"--study_dir={wd}", f"--page={tmp_path}/r.md"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "in use by pid" in err[0], err
+    assert sorted(p.name for p in wd.iterdir()) == [study.LOCK]  # nothing written
+    # --report_only reads the stored cells only: a live study does not stop it (here: none stored yet)
+    assert reproduce.run_cli(["reproduce", "--quick", f"--study_dir={wd}", f"--page={tmp_path}/r.md",
+                              "--report_only"]) == 0
+
+
+def test_beta_sweep_section_compares_each_beta_with_the_default_on_the_same_pairs(tmp_path):
+    from tdae_jax.evaluate import study_report
+
+    c = study.StudyConfig(seed=SEED, n=8, rows=("pgd_fdm",), eps=(16,), threats=("blind",), victims=("ip2p_a",),
+                          sdedit_victims=(), purifiers=(), beta_sweep=(0.1, 1.0))
+    store = study.Store(tmp_path, c)
+    key = study.score_key("ip2p_a", "none", c)
+    base = study.Cell("pgd_fdm", 16.0, "blind")
+    outcomes = {None: [True] * 8, 0.1: [True] * 8, 1.0: [False] * 7 + [True]}  # beta 1: 7 pairs flip
+    for beta, o in outcomes.items():
+        store.save_scores(base if beta is None else study.Cell("pgd_fdm", 16.0, "blind", beta), {key: o})
+    text = study_report.beta_section(store, c, study.cells(c))
+    assert "| 0.3 (default) | 100.0" in text and "| 1 | 12.5" in text
+    assert "| beta 0.1 vs 0.3 | +0.0" in text and "| beta 1 vs 0.3 | -87.5" in text
+    assert "beta 1 vs 0.3 on ip2p_a (intra): edit success lower" in text

@@ -161,3 +161,24 @@ def test_sa_flags_reach_the_config():
     assert (obj.sa_tokens, obj.sa_mask, obj.sa_timesteps, obj.sa_mask_threshold) == (("red car", "dog"), "none",
                                                                                       "random", 0.3)
     sa.check_config(obj)
+
+
+def test_text_entries_build_the_token_mask_where_the_family_has_token_ids(sur):
+    """The protect batch's text side: ``emb`` / ``uncond`` from the surrogate, SA's mask of ``--sa_tokens`` (a
+    prompt without the word keeps all its content tokens and is reported); a family without CLIP token ids (SD3)
+    gets no mask."""
+    texts = ["make the dog red", "add snow"]
+    text, missing = sa.text_entries(sur, texts, ("dog",))
+    assert set(text) == {"emb", "uncond", "token_mask"} and missing == [1]
+    ids = sur.tokenize(texts)
+    np.testing.assert_array_equal(text["emb"], np.asarray(sur.embed_ids(ids)))
+    mask, _ = sa.target_token_mask(ids, sur.static.tokenizer, ("dog",))
+    np.testing.assert_array_equal(text["token_mask"], mask)
+    assert text["token_mask"][0].sum() == len(sa.word_positions(ids[0], sur.static.tokenizer, "dog")) >= 1
+
+    class NoTokenIds:  # the SD3 adapter's contract: text entries, no token ids
+        def text_batch(self, prompts, embed=None):
+            return {"emb": np.zeros((len(prompts), 3, 4)), "pooled": np.zeros((len(prompts), 2))}
+
+    text, missing = sa.text_entries(NoTokenIds(), texts, ("dog",))
+    assert set(text) == {"emb", "pooled"} and missing == []

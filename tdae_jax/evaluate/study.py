@@ -40,7 +40,9 @@ from tdae_jax.data import io as dio
 from tdae_jax.miniature import oracle, shipped, world
 from tdae_jax.miniature import protection as mp
 from tdae_jax.miniature import train as T
+from tdae_jax.runs import lock
 
+LOCK = "study.lock"  # held while a study computes cells (runs/lock.py: pid, host, start; stale locks taken over)
 WORLDS = {"mini32": 32, "mini64": 64}  # world name -> image size (its models are trained at that size)
 THREATS = ("blind", "known")
 PROTECTOR_STREAM = 0x50524F54  # separate random stream for the blind protector's instruction
@@ -317,9 +319,14 @@ def purified(images, purifier: str, p: dict) -> np.ndarray:
 def run(c: StudyConfig, workdir, log: Callable[[str], None] = print, overwrite: bool = False,
         on_cell: Callable[[Store], None] | None = None) -> Store:
     """Computes every missing cell and score of the grid (resumable); ``on_cell(store)`` after each new one."""
+    store = Store(workdir, c, overwrite)
+    with lock.held(store.root / LOCK, store.root):  # one study computes in a folder at a time
+        return _run(c, store, log, on_cell)
+
+
+def _run(c: StudyConfig, store: Store, log, on_cell) -> Store:
     from tdae_jax import models
 
-    store = Store(workdir, c, overwrite)
     p = pairs(c)
     sur = models.load("ip2p", shipped.path(c.surrogate))
     victims = {v: shipped.load(v) for v in (*c.victims, *c.sdedit_victims)}

@@ -235,7 +235,12 @@ def beta_section(store: Store, c: StudyConfig, grid: list[Cell]) -> str:
         beta = "0.3 (default)" if cell.beta is None else f"{cell.beta:g}"
         lines.append(f"| {beta} | " + " | ".join("-" if x is None else stats.fmt_rate(stats.rate_ci(x))
                                                   for x in vals) + " |")
-    return "\n".join(lines) + "\n"
+    comps = [(f"beta {cell.beta:g} vs 0.3", base, cell) for cell in sweep if store.score_path(cell).is_file()]
+    if not comps or not store.score_path(base).is_file():
+        return "\n".join(lines) + "\n"
+    t, sup = comparison_table(store, c, comps, lambda sc, v: outcomes(sc, v, "none", c))
+    return ("\n".join(lines) + "\n\nPaired differences against the default beta (same pairs, no purification):\n\n"
+            + t + "\n" + _reading(sup))
 
 
 def page(store: Store, c: StudyConfig, header: str, extra: str = "") -> str:

@@ -92,9 +92,7 @@ def protect(sur, x0_uint8, prompts, eps, spec, steps, denoise_steps=4, *, ids=No
 
 def text_batch(sur, prompts) -> dict:
     """The text side of a batch: ``emb``, ``uncond`` (empty prompt) and SA's ``token_mask`` (every content token)."""
-    text = sur.text_batch(list(prompts))
-    text["token_mask"], _ = objectives.semantic_attention.target_token_mask(text.pop("token_ids"), sur.static.tokenizer)
-    return text
+    return objectives.semantic_attention.text_entries(sur, prompts)[0]
 
 
 def noise_control(x0_uint8, eps: float, ids=None) -> np.ndarray:

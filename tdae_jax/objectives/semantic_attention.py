@@ -110,6 +110,18 @@ def target_token_mask(ids: np.ndarray, tokenizer, words=()) -> tuple[np.ndarray,
     return mask, missing
 
 
+def text_entries(sur, texts, words=(), embed=None) -> tuple[dict, list[int]]:
+    """A protect batch's text entries for ``texts``: the surrogate's ``text_batch`` (``emb``, ``uncond``, the
+    family's extras) plus SA's ``token_mask`` of ``words`` (:func:`target_token_mask`) where the family has CLIP
+    token ids (SD3 has none: SA is refused for it). Returns ``(entries, rows with none of the words)``."""
+    text = sur.text_batch(list(texts), embed=embed)
+    ids = text.pop("token_ids", None)
+    if ids is None:
+        return text, []
+    text["token_mask"], missing = target_token_mask(ids, sur.static.tokenizer, words)
+    return text, missing
+
+
 def check_config(cfg: Objective) -> None:
     """Raises ValueError on a bad SA option, or on an SA option set for another objective."""
     if cfg.name != "sa":
