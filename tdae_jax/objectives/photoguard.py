@@ -47,7 +47,7 @@ from tdae_jax.models.surrogate import Surrogate
 from tdae_jax.objectives import common
 
 STEP_NOISE_STREAM = 0x5053  # per-image key stream of the DDIM eta > 0 step noise
-_EDITOR_KIND = {"sd": "img2img", "inpaint": "inpaint"}  # the victim editor each DDIM surrogate family stands for
+_EDITOR_KIND = {f: k for k, f in editors.FAMILY.items()}  # the victim editor each DDIM surrogate family stands for
 # Shared with photoguard_flow.py, defined in common.py (re-exported: ``photoguard.TARGETS`` etc. stay importable)
 TARGETS, REP_STREAM = common.TARGETS, common.REP_STREAM
 rep_keys, average_over_reps = common.rep_keys, common.average_over_reps
@@ -78,14 +78,16 @@ def attack_strength(family: str, strength: float | None) -> float | None:
     ``strength`` None: the victim editor's default (``editors.PIPELINE_DEFAULTS``: img2img 0.8, inpaint 1.0).
     InstructPix2Pix has no strength (its pipeline starts from pure noise, conditioned on ``E_mode(x)``).
     """
-    if family == "ip2p":
-        if strength is not None and strength != 1.0:
-            raise ValueError(f"pgd_strength={strength}: InstructPix2Pix edits from pure noise (no img2img strength)")
-        return None
-    if family not in _EDITOR_KIND:
+    kind = _EDITOR_KIND.get(family)
+    if kind is None:
         raise ValueError(f"unknown family {family!r}")
+    default = editors.PIPELINE_DEFAULTS[kind]["strength"]
+    if default is None:  # the editor has no strength (InstructPix2Pix)
+        if strength is not None and strength != 1.0:
+            raise ValueError(f"pgd_strength={strength}: the {kind} editor edits from pure noise (no img2img strength)")
+        return None
     if strength is None:
-        return float(editors.PIPELINE_DEFAULTS[_EDITOR_KIND[family]]["strength"])
+        return float(default)
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"pgd_strength must be in [0, 1], got {strength}")
     return float(strength)
