@@ -103,6 +103,9 @@ def config_from_flags(F):
         fast_compile=F.fast_compile)
 
 
+LOCK = "evaluate.lock"
+
+
 def main(argv):
     """Flags -> ``EvalConfig`` -> ``Runner`` (loads the victims: usage errors, exit 2, before anything is
     written) -> rows -> outputs, with a progress line for each phase."""
@@ -112,12 +115,15 @@ def main(argv):
 
     from tdae_jax import evaluate as ev
     from tdae_jax.data import io as dio
+    from tdae_jax.runs import lock
     from tdae_jax.runtime import format_duration
 
     log, t0 = logging.getLogger("tdae_jax").info, time.perf_counter()
     try:
         cfg = config_from_flags(FLAGS)
         cfg = dataclasses.replace(cfg, outdir=str(ev.default_outdir(cfg)))
+        lock_path = Path(cfg.outdir) / LOCK
+        lock.check(lock_path, cfg.outdir)  # another evaluation writing here: refused before anything is loaded
         log(f"loading {len(cfg.runs)} run(s) and {len(cfg.victims)} victim(s) "
             f"({', '.join(v.name for v in cfg.victims)})")
         runner = ev.Runner(cfg, progress=log)
@@ -125,12 +131,17 @@ def main(argv):
         return common.usage_error(e)
     log(f"loaded in {format_duration(time.perf_counter() - t0)}; editing (each victim's first batch includes "
         "its compilation)")
-    result = runner.run()
-    log(f"edited in {format_duration(time.perf_counter() - t0)}; writing metrics, matrix, report and plots "
-        f"to {cfg.outdir}")
-    paths = ev.write_outputs(result, cfg)
-    lines = [FLAGS[n].serialize() for n in _NAMES if n in FLAGS]
-    dio.atomic_write_bytes(Path(cfg.outdir) / "flags.flags", ("\n".join(x for x in lines if x) + "\n").encode())
+    Path(cfg.outdir).mkdir(parents=True, exist_ok=True)
+    try:
+        with lock.held(lock_path, cfg.outdir):  # one evaluation writes an output folder at a time
+            result = runner.run()
+            log(f"edited in {format_duration(time.perf_counter() - t0)}; writing metrics, matrix, report and plots "
+                f"to {cfg.outdir}")
+            paths = ev.write_outputs(result, cfg)
+            lines = [FLAGS[n].serialize() for n in _NAMES if n in FLAGS]
+            dio.atomic_write_bytes(Path(cfg.outdir) / "flags.flags", ("\n".join(x for x in lines if x) + "\n").encode())
+    except ev.UsageError as e:  # the lock was taken between the check and now
+        return common.usage_error(e)
     print(f"evaluated {len(cfg.runs)} run(s) x {len(cfg.victims)} victim(s) in "
           f"{format_duration(time.perf_counter() - t0)}: {len(result.rows)} rows; matrix: {paths['matrix']}; "
           f"report: {paths['report']}")

@@ -268,6 +268,16 @@ def test_usage_errors_exit_2(protect_runs, tmp_path, capsys):
     assert "sd" in capsys.readouterr().err
     assert ev_cli.run_cli(["evaluate", f"--runs={runs[0]},{runs[1]}", "--victims=a:sd:tiny"]) == 2  # no --outdir
     assert not (tmp_path / "o").exists()
+    # an evaluation writing into the same --outdir (a live lock): refused, one line, nothing else written there
+    from tdae_jax.runs import lock
+
+    (tmp_path / "o").mkdir()
+    lock._create(tmp_path / "o" / ev_cli.LOCK)
+    capsys.readouterr()
+    assert ev_cli.run_cli(base + [f"--runs={runs[0]}", "--victims=a:sd:tiny"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "in use by pid" in err[0], err
+    assert [p.name for p in (tmp_path / "o").iterdir()] == [ev_cli.LOCK]
 
 
 def test_report_select_counts_shared_sources_once():

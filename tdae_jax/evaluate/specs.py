@@ -7,6 +7,7 @@ import functools
 from typing import Sequence
 
 from tdae_jax import prng
+from tdae_jax.runs.errors import UsageError  # noqa: F401 - the evaluation's usage errors are the runs' (exit 2)
 
 METRICS = ("psnr", "ssim", "lpips", "vifp", "fsim")
 IMP_METRICS = ("psnr", "ssim", "lpips")
@@ -19,10 +20,6 @@ COLUMNS = ("run", "surrogate", "objective", "defense", "eps", "eot", "id", "sour
            "editor", "kind", "purify", "seed", "seed_b", *METRICS, "imp_psnr", "imp_ssim", "imp_lpips", "imp_linf_255",
            "worst_by")
 CLIP_METRICS = ("clip_img", "clip_dir")  # with EvalConfig.clip_dir: extra columns after COLUMNS
-
-
-class UsageError(ValueError):
-    """The evaluation cannot start (bad flags, runs, victims or weights): exit code 2."""
 
 
 @dataclasses.dataclass(frozen=True)
