@@ -140,7 +140,7 @@ def main(argv):
             paths = ev.write_outputs(result, cfg)
             lines = [FLAGS[n].serialize() for n in _NAMES if n in FLAGS]
             dio.atomic_write_bytes(Path(cfg.outdir) / "flags.flags", ("\n".join(x for x in lines if x) + "\n").encode())
-    except ev.UsageError as e:  # the lock was taken between the check and now
+    except ev.UsageError as e:  # e.g. another evaluation took the lock since the check above
         return common.usage_error(e)
     print(f"evaluated {len(cfg.runs)} run(s) x {len(cfg.victims)} victim(s) in "
           f"{format_duration(time.perf_counter() - t0)}: {len(result.rows)} rows; matrix: {paths['matrix']}; "

@@ -13,7 +13,7 @@ from tdae_jax.models.surrogate import IN_CHANNELS, Static, Surrogate
 FAMILIES = {"sd": "tdae_jax.models.sd", "ip2p": "tdae_jax.models.ip2p", "inpaint": "tdae_jax.models.inpaint",
             "sd3": "tdae_jax.models.sd3"}  # sd3: an ``SD3`` (models/sd3.py), not a ``Surrogate``, same adapter
 
-# The fields of a prompts row (``data/prompts.py``) each family edits with, in order of preference: InstructPix2Pix
+# The fields of a prompts row (``data/manifest.py``: ``load_prompts``) each family edits with, in order of preference: InstructPix2Pix
 # is given an instruction ("make the car red"); the text-to-image families (img2img, inpainting) a description of
 # the edited image ("a red car").
 _EDIT_TEXT_FIELDS = {"ip2p": ("instruction", "caption")}
