@@ -95,12 +95,18 @@ def _define_layer1():
     _define("integer", "aspl_pgd_steps", 6, "ASPL: PGD steps per epoch.")
     _define("integer", "aspl_adv_steps", 3, "ASPL: training steps on the perturbed photos per epoch.")
     _define("integer", "fsmg_steps", 100, "FSMG: PGD steps against the fixed surrogate.")
-    _define("float", "baseline_lr", 5e-7, "ASPL training learning rate (AdamW).")
-    _define("bool", "aspl_train_text_encoder", False, "ASPL: train the text encoder too (Anti-DreamBooth: true).")
-    _define("float", "aspl_prior_weight", 0.0, "ASPL: prior-preservation weight (Anti-DreamBooth: 1.0; > 0 samples "
-            "--aspl_num_class_images class images of 'a photo of person' from the surrogate).")
-    _define("integer", "aspl_num_class_images", 200, "ASPL: class images for the prior term.")
-    _define("integer", "aspl_class_steps", 50, "ASPL: DDIM steps per class image.")
+    _define("float", "baseline_lr", 5e-7, "ASPL / FSMG (adb) training learning rate (AdamW).")
+    _define("enum", "fsmg_surrogate", "dsur", ["adb", "dsur"], "FSMG's fixed surrogate: adb = Anti-DreamBooth's "
+            "DreamBooth recipe on the clean photos (--fsmg_surrogate_steps, --baseline_* below), dsur = DLADiff's "
+            "static surrogate (--static_*), the one DLADiff's own layer 1 attacks.")
+    _define("integer", "fsmg_surrogate_steps", 1000, "FSMG (adb): DreamBooth steps of the surrogate.")
+    _define("integer", "fsmg_surrogate_batch", 2, "FSMG (adb): DreamBooth batch size of the surrogate.")
+    _define("bool", "baseline_train_text_encoder", False, "ASPL / FSMG (adb): train the text encoder too "
+            "(Anti-DreamBooth: true).")
+    _define("float", "baseline_prior_weight", 0.0, "ASPL / FSMG (adb): prior-preservation weight (Anti-DreamBooth: "
+            "1.0; > 0 samples --baseline_num_class_images class images of 'a photo of person' from the surrogate).")
+    _define("integer", "baseline_num_class_images", 200, "ASPL / FSMG (adb): class images for the prior term.")
+    _define("integer", "baseline_class_steps", 50, "ASPL / FSMG (adb): DDIM steps per class image.")
     _define("float", "baseline_step", 2.5e-3, "ASPL / FSMG PGD step in [0,1] units (Anti-DreamBooth --pgd_alpha "
             "5e-3 on [-1,1] pixels); their budget is --eps_ft.")
 
@@ -150,8 +156,10 @@ def config_from_flags(F):
             epochs=F.epochs, clean_steps=F.aspl_clean_steps,
             pgd_steps=F.fsmg_steps if F.method == "fsmg" else F.aspl_pgd_steps, adv_steps=F.aspl_adv_steps,
             lr=F.baseline_lr, max_grad_norm=F.max_grad_norm, latent_sample=F.latent_sample, update=F.update,
-            train_text_encoder=F.aspl_train_text_encoder, prior_weight=F.aspl_prior_weight,
-            num_class_images=F.aspl_num_class_images, class_steps=F.aspl_class_steps, prompt=F.prompt),
+            train_text_encoder=F.baseline_train_text_encoder, prior_weight=F.baseline_prior_weight,
+            num_class_images=F.baseline_num_class_images, class_steps=F.baseline_class_steps, prompt=F.prompt,
+            fsmg_surrogate=F.fsmg_surrogate, fsmg_surrogate_steps=F.fsmg_surrogate_steps,
+            fsmg_surrogate_batch=F.fsmg_surrogate_batch),
         zs=zeroshot.ZSConfig(eps=F.eps_zs, step_size=F.step_zs, max_steps=F.zs_max_steps, threshold=F.zs_threshold,
                              check_every=F.zs_check_every, jitter_linear=F.zs_jitter_linear,
                              jitter_translation=F.zs_jitter_translation, space=F.zs_space),

@@ -122,6 +122,19 @@ def test_baselines_keep_budget(sur, data):
     assert 0 < np.abs(d).max() <= cfg.eps + 1e-6 and len(h["fsmg/cond"]) == 2
 
 
+def test_fsmg_surrogate_is_adb_dreambooth(sur, data):
+    """ADB's FSMG surrogate: DreamBooth moves the UNet and (text encoder trained) the prompt's embedding."""
+    x, uid, emb = data
+    cfg = baselines.BaselineConfig(method="fsmg", fsmg_surrogate="adb", fsmg_surrogate_steps=1, lr=1e-3,
+                                   train_text_encoder=True, prior_weight=1.0, num_class_images=2, class_steps=2)
+    unet, emb1 = baselines.fsmg_surrogate(sur, x, uid, cfg, jax.random.key(4))
+    moved = jax.tree.map(lambda a, b: not np.array_equal(np.asarray(a), np.asarray(b)), unet, sur.params["unet"])
+    assert any(jax.tree.leaves(moved)), "DreamBooth must update the surrogate's UNet"
+    assert emb1.shape == emb[:1].shape and not np.allclose(emb1, emb[:1]), "the trained text encoder re-embeds"
+    with pytest.raises(ValueError, match="fsmg_surrogate"):
+        baselines.BaselineConfig(fsmg_surrogate="static")
+
+
 def test_memory_efficient_attention_is_the_same_function(sur, data, layers):
     """``Surrogate.memory_efficient`` (chunked attention under jax.checkpoint, the 512 px memory fix) keeps
     params and function: eps, the DSUR maps, L_att (Eq. 8) and its gradient agree with full attention."""

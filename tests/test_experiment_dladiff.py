@@ -20,9 +20,9 @@ from tdae_jax.data import io as dio
 FLAGS_DIR = Path(__file__).resolve().parents[1] / "experiments" / "flags"
 ASTRONAUT_DLIB = [[127.0, 52.0], [119.0, 52.0], [97.0, 50.0], [106.0, 51.0], [112.0, 67.0]]
 SHORT = ["--static_steps=1", "--static_batch=2", "--epochs=1", "--iter1=1", "--iter2=1", "--iter3=1",
-         "--aspl_clean_steps=1", "--aspl_pgd_steps=1", "--aspl_adv_steps=1", "--fsmg_steps=1", "--ckpt_every=0",
+         "--aspl_clean_steps=1", "--aspl_pgd_steps=1", "--aspl_adv_steps=1", "--fsmg_steps=1", "--fsmg_surrogate_steps=1", "--ckpt_every=0",
          "--encoders=iresnet_tiny", "--detector=none", "--zs_max_steps=12", "--step_zs=0.004", "--zs_threshold=0",
-         "--zs_check_every=6", "--aspl_num_class_images=2", "--aspl_class_steps=2",
+         "--zs_check_every=6", "--baseline_num_class_images=2", "--baseline_class_steps=2",
          "--weights_dir=tiny"]  # the built-in tiny SD model (the flagfiles need real weights)
 
 
@@ -119,8 +119,10 @@ def test_baseline_flagfiles(inputs, tmp_path, flagfile):
     assert cfg["method"] == flagfile.split("_")[1].split(".")[0]
     # ADB's --pgd_alpha=5e-3 on [-1,1] pixels, under DLADiff's budget (the flagfiles' provenance)
     assert cfg["baseline"]["step_size"] == 0.0025 and cfg["baseline"]["eps"] == pytest.approx(7 / 255)
-    if "aspl" in flagfile:  # ADB's recipe: text encoder and prior preservation
-        assert cfg["baseline"]["train_text_encoder"] and cfg["baseline"]["prior_weight"] == 1.0
+    # ADB's recipes: text encoder and prior preservation (FSMG: in the DreamBooth'd surrogate)
+    assert cfg["baseline"]["train_text_encoder"] and cfg["baseline"]["prior_weight"] == 1.0
+    if "fsmg" in flagfile:
+        assert cfg["baseline"]["fsmg_surrogate"] == "adb" and cfg["baseline"]["fsmg_surrogate_batch"] == 2
 
 
 def test_usage_errors(inputs, tmp_path, capsys):

@@ -105,16 +105,30 @@ def layer1(cfg, sur, x, uids, x_clean, uid_clean, ckpt_dir: Path, progress):
     if cfg.method == "aspl":
         p, h = baselines.aspl(sur, x, uids, emb, x_clean, uid_clean, emb_c, cfg.baseline, base, mesh=mesh)
         return np.asarray(p.delta), {"loss": np.concatenate([np.stack(c, 1) for c in h["aspl/cond"]], 1)}
-    t0 = time.perf_counter()
-    logf = lambda s, m: (s % 50 == 0 or s == cfg.static.steps) and progress(  # noqa: E731
-        f"static surrogate (DSUR) step {s}/{cfg.static.steps} loss={m['loss']:.4g} {time.perf_counter() - t0:.0f}s")
+    if cfg.method == "fsmg" and cfg.baseline.fsmg_surrogate == "adb":
+        steps = cfg.baseline.fsmg_surrogate_steps
+        unet, emb1 = baselines.fsmg_surrogate(sur, x_clean, uid_clean, cfg.baseline, base, mesh=mesh,
+                                              log=_train_log("FSMG surrogate (DreamBooth)", steps, progress))
+        p, h = baselines.fsmg(sur, sur.frozen_unet(unet), x, uids, np.repeat(emb1, b, 0), cfg.baseline, base,
+                              mesh=mesh)
+        return np.asarray(p.delta), {"loss": np.stack(h["fsmg/cond"], 1)}
     static = dsur.train_static(sur, x_clean, cfg.prompt, cfg.static, jax.random.fold_in(base, 2), uids=uid_clean,
-                               log=logf, mesh=mesh)
+                               log=_train_log("static surrogate (DSUR)", cfg.static.steps, progress), mesh=mesh)
     s_unet = sur.frozen_unet(static.state.trainable["unet"])  # frozen from here: compute dtype, no master
     if cfg.method == "fsmg":
         p, h = baselines.fsmg(sur, s_unet, x, uids, emb, cfg.baseline, base, mesh=mesh)
         return np.asarray(p.delta), {"loss": np.stack(h["fsmg/cond"], 1)}
     return _adft(cfg, sur, s_unet, x, uids, emb, base, mesh, ckpt_dir, progress)
+
+
+def _train_log(what: str, steps: int, progress):
+    """A fine-tuning ``log(step, metrics)`` that reports every 50 steps and the last one."""
+    t0 = time.perf_counter()
+
+    def log_step(s, m):
+        if s % 50 == 0 or s == steps:
+            progress(f"{what} step {s}/{steps} loss={m['loss']:.4g} {time.perf_counter() - t0:.0f}s")
+    return log_step
 
 
 def _adft(cfg, sur, s_unet, x, uids, emb, base, mesh, ckpt_dir: Path, progress):

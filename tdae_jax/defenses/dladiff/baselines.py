@@ -37,9 +37,10 @@ Deviations, each a choice of this port:
 FSMG (``fsmg.py::main``): ``f_sur = DreamBooth(theta_pre, X_clean)`` once (``attack_with_fsmg.sh`` runs
 ``train_dreambooth.py``: 1000 steps, batch 2, lr 5e-7, text encoder trained, prior 1.0 with 200 class images;
 :func:`fsmg_surrogate_config`), then ``pgd_steps`` (ADB: 100) of the same PGD against the fixed ``f_sur``, with the
-prompt embedded by ``f_sur``'s text encoder. The DLADiff runner reuses DSUR's static surrogate instead (UNet only,
-no prior, 400 steps, lr 5e-6, batch 4: the surrogate DLADiff's own layer 1 gets), a scaled-down, prior-free stand-in
-for ADB's 1000-step recipe; :func:`fsmg_surrogate_config` with :func:`editors.finetune.finetune` is the reference one.
+prompt embedded by ``f_sur``'s text encoder. :func:`fsmg_surrogate` trains that surrogate
+(``fsmg_surrogate="adb"``, the command's ``dladiff_fsmg.flags``); with ``fsmg_surrogate="dsur"`` the runner reuses
+DSUR's static surrogate instead (UNet only, no prior, 400 steps, lr 5e-6, batch 4: the surrogate DLADiff's own
+layer 1 gets), so that FSMG and DLADiff can be compared on one surrogate.
 
 The PGD step of both is ADFT's stage 2 (:func:`adft.stage2_jit`, through :func:`pgd`) on its own key stream;
 training is :func:`adft.train_on` (:func:`editors.finetune.train_step`). Outputs are ``(PerturbState, history)``.
@@ -83,12 +84,17 @@ class BaselineConfig:
     class_prompt: str = CLASS_PROMPT
     class_steps: int = 50  # DDIM steps of each class image (ADB: the SD pipeline's default, 50 steps)
     prompt: str = INSTANCE_PROMPT  # --instance_prompt: tokenized for the text encoder when aspl(ids=) is not given
+    fsmg_surrogate: str = "dsur"  # FSMG's fixed surrogate: adb (fsmg_surrogate()) | dsur (DLADiff's static one)
+    fsmg_surrogate_steps: int = 1000  # attack_with_fsmg.sh --max_train_steps
+    fsmg_surrogate_batch: int = 2  # attack_with_fsmg.sh --train_batch_size
 
     def __post_init__(self):
         if self.method not in ("aspl", "fsmg"):
             raise ValueError(f"method must be 'aspl' or 'fsmg', got {self.method!r}")
         if self.update not in ("sign", "raw"):
             raise ValueError(f"update must be 'sign' or 'raw', got {self.update!r}")
+        if self.fsmg_surrogate not in ("adb", "dsur"):
+            raise ValueError(f"fsmg_surrogate must be 'adb' or 'dsur', got {self.fsmg_surrogate!r}")
         if self.prior_weight < 0 or self.num_class_images < 1 or self.class_steps < 1:
             raise ValueError(f"need prior_weight >= 0, num_class_images >= 1 and class_steps >= 1 (got "
                              f"{self.prior_weight}, {self.num_class_images}, {self.class_steps})")
@@ -117,6 +123,25 @@ def fsmg_surrogate_config(steps: int = 1000, batch_size: int = 2, lr: float = 5e
     return ft.FinetuneConfig(method="dreambooth", steps=steps, batch_size=batch_size, lr=lr, weight_decay=1e-2,
                              max_grad_norm=1.0, train_text_encoder=train_text_encoder, prior_weight=prior_weight,
                              latent_sample=latent_sample)
+
+
+def fsmg_surrogate(surrogate, x_clean, uid_clean, cfg: BaselineConfig, base_key, *, mesh=None, log=None):
+    """FSMG's fixed surrogate as ``fsmg.py::main`` gets it: DreamBooth on the clean photos ``x_clean [M,H,W,3]``
+    with :func:`fsmg_surrogate_config` (``cfg.fsmg_surrogate_steps``, ``cfg.fsmg_surrogate_batch``, ``cfg.lr``;
+    text encoder and prior term as ``cfg.train_text_encoder`` / ``cfg.prior_weight``, the class images sampled from
+    theta_pre as ADB's ``train_dreambooth.py`` does). Returns ``(unet params, emb [1,T,D])``: the UNet the PGD
+    attacks and the instance prompt embedded by the trained text encoder (theta_pre's when it was not trained)."""
+    tcfg = fsmg_surrogate_config(cfg.fsmg_surrogate_steps, cfg.fsmg_surrogate_batch, cfg.lr, cfg.prior_weight,
+                                 cfg.train_text_encoder, cfg.latent_sample)
+    tcfg = dataclasses.replace(tcfg, max_grad_norm=cfg.max_grad_norm, weight_decay=cfg.weight_decay)
+    images = None
+    if cfg.prior_weight > 0:
+        images = ft.sample(surrogate, cfg.class_prompt, cfg.num_class_images, adft.stream_key(base_key, "fsmg/class"),
+                           cfg.class_steps, size=np.shape(x_clean)[1])
+    res = ft.finetune(surrogate, x_clean, cfg.prompt, tcfg, adft.stream_key(base_key, "fsmg/surrogate"),
+                      uids=uid_clean, prior_images=images, prior_prompt=cfg.class_prompt, mesh=mesh, log=log)
+    trained = res.surrogate
+    return trained.params["unet"], np.asarray(ft.embed_ids(trained, trained.tokenize([cfg.prompt])))
 
 
 def class_pool(surrogate, cfg: BaselineConfig, key, *, size: int | None = None, steps: int = 50,
@@ -185,7 +210,7 @@ def aspl(surrogate, x0, uid, emb, x_clean, uid_clean, emb_clean, cfg: BaselineCo
 
 def fsmg(surrogate, fixed_unet, x0, uid, emb, cfg: BaselineConfig, base_key, *, mesh=None):
     """FSMG: ``cfg.pgd_steps`` of PGD on L_cond against ``fixed_unet`` (DreamBooth'd on clean photos: ADB's
-    recipe is :func:`fsmg_surrogate_config`, the DLADiff runner uses :func:`dsur.train_static`'s). ``emb``: the
+    recipe is :func:`fsmg_surrogate`, the alternative :func:`dsur.train_static`'s). ``emb``: the
     prompt embedded by that surrogate's text encoder (theta_pre's when only the UNet was trained).
     Returns ``(PerturbState, history)``."""
     mesh = ft.data_mesh(np.shape(x0)[0], mesh)
