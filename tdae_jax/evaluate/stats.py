@@ -11,6 +11,11 @@ measured on the **same pairs** (same scenes, instructions and editor noise) are 
   Fagerland, Lydersen & Laake, BMC Med. Res. Methodol. 2013): under H0 the discordant pairs split 50/50, so
   ``p = min(1, 2 * P[Binom(n01 + n10, 1/2) <= min(n01, n10)])``.
 
+Cells whose unit is a cluster with a continuous outcome (a customization study: per subject, the share of the
+attacker's samples that reproduce it) are compared by :func:`paired_units_ci`: the same paired bootstrap over
+units, with the exact sign-flip permutation test (Fisher 1935, §21; Good, *Permutation Tests*, 2005, §3.1) on the
+per-unit differences in place of McNemar's.
+
 A difference is "supported" (:func:`verdict`) only when the paired interval excludes 0 **and** McNemar's p
 is below alpha; otherwise the text says "no measurable effect". Resampling draws come from a fixed seed, so
 a table is reproducible bit for bit.
@@ -52,15 +57,32 @@ def _boot_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
 
 
+def _interval(x: np.ndarray, n_boot: int, seed: int, level: float) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``mean(x)`` over its units."""
+    boots = x[_boot_indices(x.size, n_boot, seed)].mean(axis=1)
+    q = (1.0 - level) / 2.0
+    lo, hi = np.quantile(boots, [q, 1.0 - q])
+    return float(lo), float(hi)
+
+
+def _vector(x, what: str) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 1 or x.size == 0:
+        raise ValueError(f"{what} must be a non-empty 1-D vector, got shape {x.shape}")
+    return x
+
+
+def _pair(a, b) -> tuple[np.ndarray, np.ndarray]:
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a64.shape != b64.shape or a64.ndim != 1 or a64.size == 0:
+        raise ValueError(f"paired outcomes must be equal non-empty 1-D vectors: {a64.shape} vs {b64.shape}")
+    return a64, b64
+
+
 def rate_ci(outcomes, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95) -> Rate:
     """Rate of ``outcomes`` (bool ``[n]``) with a percentile bootstrap interval over pairs."""
-    x = np.asarray(outcomes, dtype=np.float64)
-    if x.ndim != 1 or x.size == 0:
-        raise ValueError(f"outcomes must be a non-empty 1-D vector, got shape {x.shape}")
-    boots = x[_boot_indices(x.size, n_boot, seed)].mean(axis=1)
-    a = (1.0 - level) / 2.0
-    lo, hi = np.quantile(boots, [a, 1.0 - a])
-    return Rate(float(x.mean()), float(lo), float(hi), int(x.sum()), int(x.size))
+    x = _vector(outcomes, "outcomes")
+    return Rate(float(x.mean()), *_interval(x, n_boot, seed, level), int(x.sum()), int(x.size))
 
 
 def mcnemar_exact(a, b) -> tuple[float, int, int]:
@@ -78,15 +100,38 @@ def mcnemar_exact(a, b) -> tuple[float, int, int]:
 
 def paired_diff_ci(a, b, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95) -> Paired:
     """``mean(b) - mean(a)`` on the same pairs with a paired bootstrap interval and McNemar's exact p."""
-    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a64.shape != b64.shape or a64.ndim != 1 or a64.size == 0:
-        raise ValueError(f"paired outcomes must be equal non-empty 1-D vectors: {a64.shape} vs {b64.shape}")
+    a64, b64 = _pair(a, b)
     d = b64 - a64
-    boots = d[_boot_indices(d.size, n_boot, seed)].mean(axis=1)
-    q = (1.0 - level) / 2.0
-    lo, hi = np.quantile(boots, [q, 1.0 - q])
     p, n01, n10 = mcnemar_exact(a, b)
-    return Paired(float(d.mean()), float(lo), float(hi), p, n01, n10, int(d.size))
+    return Paired(float(d.mean()), *_interval(d, n_boot, seed, level), p, n01, n10, int(d.size))
+
+
+def sign_flip_p(d, exact_max: int = 16, n_mc: int = 100_000, seed: int = 0) -> float:
+    """Two-sided p of the paired sign-flip permutation test on differences ``d [n]``: the share of sign
+    assignments whose |mean| is at least the observed one (exact up to ``exact_max`` units, else ``n_mc``
+    Monte-Carlo draws with the observed assignment counted, Phipson & Smyth 2010)."""
+    d = np.asarray(d, np.float64)
+    obs = abs(d.mean()) - 1e-12
+    if d.size <= exact_max:
+        signs = 1 - 2 * ((np.arange(2 ** d.size)[:, None] >> np.arange(d.size)) & 1)
+        return float(np.mean(np.abs(signs @ d) / d.size >= obs))
+    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(n_mc, d.size))
+    return float((1 + np.sum(np.abs(signs @ d) / d.size >= obs)) / (n_mc + 1))
+
+
+def paired_units_ci(a, b, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95) -> Paired:
+    """``mean(b - a)`` over units with continuous outcomes in [0, 1] (e.g. per-subject rates), a paired bootstrap
+    interval over units and the sign-flip p; ``n01`` / ``n10`` count the units where b is above / below a."""
+    a64, b64 = _pair(a, b)
+    d = b64 - a64
+    return Paired(float(d.mean()), *_interval(d, n_boot, seed, level), sign_flip_p(d, seed=seed),
+                  int((d > 0).sum()), int((d < 0).sum()), int(d.size))
+
+
+def mean_ci(x, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95) -> Rate:
+    """Mean of per-unit values in [0, 1] with a percentile bootstrap interval over units (``k`` = units > 0)."""
+    x = _vector(x, "values")
+    return Rate(float(x.mean()), *_interval(x, n_boot, seed, level), int((x > 0).sum()), int(x.size))
 
 
 def verdict(c: Paired, alpha: float = 0.05) -> str:
