@@ -67,13 +67,14 @@ def subject_success(img, sub: world.Subject, min_px: int) -> bool:
 
 def eligible_subjects(seed: int, n: int, views: int, min_px: int, size: int = 32, pool: int = 4) -> dict:
     """The first ``n`` subjects of the world's stream ``seed`` whose every clean view the oracle accepts (at 32 px
-    a few colour pairs blur into each other), out of ``pool * n`` candidates. Returns :func:`world.subjects`'s
-    dict restricted to them, plus ``index`` (their place in the stream, the subject's id)."""
-    subj = world.subjects(seed, pool * n, views, size=size)
+    a few colour pairs blur into each other), out of ``pool * n`` candidates (at most one per rare token of the
+    vocabulary). Returns :func:`world.subjects`'s dict restricted to them, plus ``index`` (their place in the
+    stream, the subject's id)."""
+    subj = world.subjects(seed, min(pool * n, len(vocab.SUBJECT_TOKENS)), views, size=size)
     keep = [i for i, sub in enumerate(subj["subjects"])
             if all(subject_success(v, sub, min_px) for v in subj["images"][i])][:n]
     if len(keep) < n:
-        raise ValueError(f"only {len(keep)} of {pool * n} subjects of world seed {seed} pass the oracle on their "
+        raise ValueError(f"only {len(keep)} of {len(subj['subjects'])} subjects of world seed {seed} pass the oracle on their "
                          f"own views (need {n})")
     out = {k: ([v[i] for i in keep] if isinstance(v, list) else v[keep]) for k, v in subj.items()}
     out["index"] = keep
