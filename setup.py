@@ -41,7 +41,11 @@ setup(
     extras_require={
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "scikit-image>=0.22,<0.27"],
         "parity": ["torch==2.13.0"],
-        "faces": ["dlib-bin>=20,<21", "face-recognition-models==0.3.0", "onnx>=1.16,<2", "onnxruntime>=1.17,<2"],
+        # dlib's face pipeline (layer 2, ISM / FDR), ONNX ArcFace encoders, and BRISQUE for
+        # experiments.evaluate_customization (brisque ships its LIBSVM model; tdae_jax/metrics/brisque_iqa.py
+        # restates the scoring lines that libsvm-official >= 3.30 broke in brisque 0.0.16)
+        "faces": ["dlib-bin>=20,<21", "face-recognition-models==0.3.0", "onnx>=1.16,<2", "onnxruntime>=1.17,<2",
+                  "brisque==0.0.16", "libsvm-official>=3.30,<4"],
         "gpu": [f"jax[cuda12]=={JAX}"],
         "tpu": [f"jax[tpu]=={JAX}"],
     },

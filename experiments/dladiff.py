@@ -1,5 +1,5 @@
 r"""Protect one identity's photos with DLADiff (layer 1 anti-fine-tuning, layer 2 anti-zero-shot) or the
-Anti-DreamBooth baselines (ASPL, FSMG).
+layer-1 baselines: Anti-DreamBooth's ASPL and FSMG, and DisDiff (built on ASPL).
 
     python -m experiments.dladiff --flagfile=experiments/flags/dladiff_both.flags
     python -m experiments.dladiff --flagfile=experiments/flags/dladiff_layer1.flags \
@@ -42,7 +42,8 @@ def define_flags():
     _define("string", "clean_images", "", "Extra clean photos of the identity (set_A); X_clean = these + inputs.")
     _define("string", "prompt", "a photo of sks person", "Instance prompt (DLADiff §3.2).")
     common.section(COMMAND, "method")
-    _define("enum", "method", "dladiff", ["dladiff", "aspl", "fsmg", "none"], "Layer 1 (none = layer 2 alone).")
+    _define("enum", "method", "dladiff", ["dladiff", "aspl", "fsmg", "disdiff", "none"], "Layer 1 (none = layer 2 "
+            "alone; aspl / fsmg: Anti-DreamBooth; disdiff: DisDiff, on ASPL's loop).")
     _define("bool", "layer2", False, "Add DLADiff's anti-zero-shot identity layer (after layer 1).")
     _define("integer", "seed", 0, "Base PRNG seed; keys are derived per image id and step.")
     common.section(COMMAND, "model")
@@ -78,7 +79,7 @@ def _define_layer1():
     common.section(COMMAND, "layer 1: budget and optimizer (ADFT)")
     _define("float", "eps_ft", 7.0 / 255.0, "Layer-1 L_inf budget in [0,1] units.")
     _define("float", "step_ft", 5e-3, "Layer-1 PGD step in [0,1] units.")
-    _define("integer", "epochs", 50, "ADFT epochs iter_opt (ASPL: outer epochs).")
+    _define("integer", "epochs", 50, "ADFT epochs iter_opt (ASPL / DisDiff: outer epochs).")
     _define("integer", "iter1", 3, "Stage 1 (attention) PGD steps per epoch.")
     _define("integer", "iter2", 3, "Stage 2 (L_cond) PGD steps per epoch.")
     _define("integer", "iter3", 3, "Stage 3 UNet_d training steps per epoch.")
@@ -90,25 +91,48 @@ def _define_layer1():
     _define("float", "w_cross", 1.0, "Weight of the cross-attention term.")
     _define("float", "w_self", 1.0, "Weight of the self-attention term.")
     _define("enum", "update", "sign", ["sign", "raw"], "PGD update: sign (project default) or raw gradient.")
-    common.section(COMMAND, "layer 1: Anti-DreamBooth baselines (ASPL / FSMG)")
-    _define("integer", "aspl_clean_steps", 3, "ASPL: surrogate-copy steps on clean photos per epoch.")
-    _define("integer", "aspl_pgd_steps", 6, "ASPL: PGD steps per epoch.")
-    _define("integer", "aspl_adv_steps", 3, "ASPL: training steps on the perturbed photos per epoch.")
+    common.section(COMMAND, "layer 1: baselines (ASPL / FSMG / DisDiff)")
+    _define("integer", "aspl_clean_steps", 3, "ASPL / DisDiff: surrogate steps on clean photos per epoch.")
+    _define("integer", "aspl_pgd_steps", 6, "ASPL / DisDiff: PGD steps per epoch.")
+    _define("integer", "aspl_adv_steps", 3, "ASPL / DisDiff: training steps on the perturbed photos per epoch.")
     _define("integer", "fsmg_steps", 100, "FSMG: PGD steps against the fixed surrogate.")
-    _define("float", "baseline_lr", 5e-7, "ASPL / FSMG (adb) training learning rate (AdamW).")
+    _define("float", "baseline_lr", 5e-7, "ASPL / DisDiff / FSMG (adb) training learning rate (AdamW).")
     _define("enum", "fsmg_surrogate", "dsur", ["adb", "dsur"], "FSMG's fixed surrogate: adb = Anti-DreamBooth's "
             "DreamBooth recipe on the clean photos (--fsmg_surrogate_steps, --baseline_* below), dsur = DLADiff's "
             "static surrogate (--static_*), the one DLADiff's own layer 1 attacks.")
     _define("integer", "fsmg_surrogate_steps", 1000, "FSMG (adb): DreamBooth steps of the surrogate.")
     _define("integer", "fsmg_surrogate_batch", 2, "FSMG (adb): DreamBooth batch size of the surrogate.")
-    _define("bool", "baseline_train_text_encoder", False, "ASPL / FSMG (adb): train the text encoder too "
-            "(Anti-DreamBooth: true).")
-    _define("float", "baseline_prior_weight", 0.0, "ASPL / FSMG (adb): prior-preservation weight (Anti-DreamBooth: "
-            "1.0; > 0 samples --baseline_num_class_images class images of 'a photo of person' from the surrogate).")
-    _define("integer", "baseline_num_class_images", 200, "ASPL / FSMG (adb): class images for the prior term.")
-    _define("integer", "baseline_class_steps", 50, "ASPL / FSMG (adb): DDIM steps per class image.")
-    _define("float", "baseline_step", 2.5e-3, "ASPL / FSMG PGD step in [0,1] units (Anti-DreamBooth --pgd_alpha "
-            "5e-3 on [-1,1] pixels); their budget is --eps_ft.")
+    _define("bool", "baseline_train_text_encoder", False, "ASPL / DisDiff / FSMG (adb): train the text encoder "
+            "too (Anti-DreamBooth, DisDiff: true).")
+    _define("float", "baseline_prior_weight", 0.0, "ASPL / DisDiff / FSMG (adb): prior-preservation weight "
+            "(Anti-DreamBooth, DisDiff: 1.0; > 0 samples --baseline_num_class_images class images of 'a photo of "
+            "person' from the surrogate).")
+    _define("integer", "baseline_num_class_images", 200, "ASPL / DisDiff / FSMG (adb): class images for the prior "
+            "term.")
+    _define("integer", "baseline_class_steps", 50, "ASPL / DisDiff / FSMG (adb): DDIM steps per class image.")
+    _define("float", "baseline_step", 2.5e-3, "ASPL / DisDiff / FSMG PGD step in [0,1] units (Anti-DreamBooth and "
+            "DisDiff --pgd_alpha 5e-3 on [-1,1] pixels); their budget is --eps_ft.")
+    _define_disdiff()
+
+
+def _define_disdiff():
+    common.section(COMMAND, "layer 1: DisDiff (CAE term, MSS step, SimAC timestep search)")
+    _define("float", "disdiff_att_weight", 0.1, "DisDiff: weight lambda of the Cross-Attention Erasure term "
+            "(--att_param; 0 = no CAE term).")
+    _define("float", "disdiff_temperature", 100.0, "DisDiff: the CAE softmax's scale over the prompt's tokens.")
+    _define("string", "disdiff_token", "sks", "DisDiff: the prompt word whose cross-attention share is erased.")
+    _define("integer", "disdiff_att_resolution", 16, "DisDiff: cross-attention maps of this side feed the CAE term.")
+    _define("bool", "disdiff_mss", True, "DisDiff: Merit Sampling Scheduler, step x (1 + cos(pi t / (T-1))) / 2.")
+    _define("bool", "disdiff_search", True, "DisDiff: SimAC's adaptive timestep search before the epochs "
+            "(--use_search); off = t uniform in [0, T).")
+    _define("integer", "disdiff_search_steps", 50, "DisDiff: at most this many search rounds (--max_steps).")
+    _define("integer", "disdiff_search_candidates", 5, "DisDiff: timesteps scored per search round.")
+    _define("integer", "disdiff_search_window", 20, "DisDiff: a round removes [t - w, t + w) around the "
+            "lowest-scoring candidate (--delta_t).")
+    _define("integer", "disdiff_search_keep", 100, "DisDiff: the search stops once at most this many timesteps "
+            "remain.")
+    _define("bool", "disdiff_shared_surrogate", True, "DisDiff: train one model on the clean then the perturbed "
+            "photos, as DisDiff's code (false: attack a copy, as ASPL).")
 
 
 def _define_layer2():
@@ -135,7 +159,7 @@ define_flags()
 
 def config_from_flags(F):
     """The flags as a ``DLADiffRunConfig`` (``ValueError``: a usage error); ``--weights_dir=tiny`` -> ``""``."""
-    from tdae_jax.defenses.dladiff import adft, baselines, dsur, zeroshot
+    from tdae_jax.defenses.dladiff import adft, baselines, disdiff, dsur, zeroshot
     from tdae_jax.runs import dladiff as run
 
     if F.surrogate != "sd" and F.method != "none":
@@ -152,7 +176,8 @@ def config_from_flags(F):
                              w_cross=F.w_cross, w_self=F.w_self, update=F.update, latent_sample=F.latent_sample),
         att_resolution=F.att_resolution, att_layers=tuple(F.att_layers), att_kinds=tuple(F.att_kinds),
         baseline=baselines.BaselineConfig(
-            method=F.method if F.method in ("aspl", "fsmg") else "aspl", eps=F.eps_ft, step_size=F.baseline_step,
+            method=F.method if F.method in ("aspl", "fsmg", "disdiff") else "aspl", eps=F.eps_ft,
+            step_size=F.baseline_step,
             epochs=F.epochs, clean_steps=F.aspl_clean_steps,
             pgd_steps=F.fsmg_steps if F.method == "fsmg" else F.aspl_pgd_steps, adv_steps=F.aspl_adv_steps,
             lr=F.baseline_lr, max_grad_norm=F.max_grad_norm, latent_sample=F.latent_sample, update=F.update,
@@ -160,6 +185,12 @@ def config_from_flags(F):
             num_class_images=F.baseline_num_class_images, class_steps=F.baseline_class_steps, prompt=F.prompt,
             fsmg_surrogate=F.fsmg_surrogate, fsmg_surrogate_steps=F.fsmg_surrogate_steps,
             fsmg_surrogate_batch=F.fsmg_surrogate_batch),
+        disdiff=disdiff.DisDiffConfig(
+            att_weight=F.disdiff_att_weight, temperature=F.disdiff_temperature, token=F.disdiff_token,
+            resolution=F.disdiff_att_resolution, mss=F.disdiff_mss, search=F.disdiff_search,
+            search_steps=F.disdiff_search_steps, search_candidates=F.disdiff_search_candidates,
+            search_window=F.disdiff_search_window, search_keep=F.disdiff_search_keep,
+            shared_surrogate=F.disdiff_shared_surrogate),
         zs=zeroshot.ZSConfig(eps=F.eps_zs, step_size=F.step_zs, max_steps=F.zs_max_steps, threshold=F.zs_threshold,
                              check_every=F.zs_check_every, jitter_linear=F.zs_jitter_linear,
                              jitter_translation=F.zs_jitter_translation, space=F.zs_space),

@@ -1,4 +1,4 @@
-"""DLADiff layer 1 (DSUR + attention loss + ADFT) and the ASPL / FSMG baselines on the tiny SD surrogate.
+"""DLADiff layer 1 (DSUR + attention loss + ADFT) and the ASPL / FSMG / DisDiff baselines on the tiny SD surrogate.
 
 Shapes (2 images of 32 px, 2-device mesh) and the cached surrogate are those of test_finetune and
 test_experiment_dladiff, so the compiled train / stage steps are shared within one pytest process.
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tdae_jax.defenses.dladiff import adft, baselines, dsur
+from tdae_jax.defenses.dladiff import adft, baselines, disdiff, dsur
 from tdae_jax.editors import finetune as ft
 from tdae_jax.parallel import mesh as meshlib
 from tdae_jax.pipeline import _tiny, _tiny_variant
@@ -133,6 +133,108 @@ def test_fsmg_surrogate_is_adb_dreambooth(sur, data):
     assert emb1.shape == emb[:1].shape and not np.allclose(emb1, emb[:1]), "the trained text encoder re-embeds"
     with pytest.raises(ValueError, match="fsmg_surrogate"):
         baselines.BaselineConfig(fsmg_surrogate="static")
+
+
+def _np_erasure(maps, target_pos, content_pos, tau):
+    """DisDiff's ``Attmap`` restated in numpy for one image: the layers' maps ``[L,Q,T]`` averaged, the content
+    tokens sliced out, ``softmax(tau x map)`` over them, ``(1 - E_target / E_all)^2`` of the squared maps."""
+    m = tau * np.mean(maps, axis=0)[:, content_pos]
+    prob = np.exp(m - m.max(-1, keepdims=True))
+    prob /= prob.sum(-1, keepdims=True)
+    cols = [content_pos.index(i) for i in target_pos]
+    return (1.0 - np.sum(prob[:, cols] ** 2) / np.sum(prob ** 2)) ** 2
+
+
+def test_disdiff_erasure_term_is_the_identifiers_energy_share(sur):
+    """L_CAE on hand-made maps: the target is the identifier "sks" (all its tokens, here split by the tiny
+    tokenizer; position 4 of the reference's CLIP ids), C the prompt's non-special tokens; the value is the numpy
+    restatement's; attention on special tokens does not count; more attention on "sks" lowers it (erasure)."""
+    target, content = disdiff.token_masks(sur, PROMPT, "sks")
+    ids = sur.tokenize([PROMPT])[0]
+    tpos, cpos = list(np.flatnonzero(target)), list(np.flatnonzero(content))
+    pieces = sur.static.tokenizer.convert_ids_to_tokens([int(i) for i in ids[tpos]])
+    assert "".join(pieces).replace("</w>", "") == "sks" and pieces[-1].endswith("</w>")
+    assert cpos[0] == 1 and ids[cpos[-1] + 1] == sur.static.tokenizer.eos_token_id and set(tpos) < set(cpos)
+    rng = np.random.default_rng(3)
+    raw = rng.dirichlet(np.full(ids.shape[0], 0.3), size=(2, 2, 16)).astype(np.float32)  # [L,B,Q,T] probabilities
+    maps = {"down_blocks_0/attn2": raw[0], "up_blocks_1/attn2": raw[1], "down_blocks_0/attn1": raw[0] * 0 + 1.0}
+    tb, cb = np.repeat(target[None], 2, 0), np.repeat(content[None], 2, 0)
+    got = np.asarray(disdiff.erasure_loss(maps, tb, cb, 100.0))
+    want = [_np_erasure(raw[:, i], tpos, cpos, 100.0) for i in range(2)]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert 0 < got.min() and got.max() < 1
+    special = raw.copy()
+    special[..., 0] += 5.0  # BOS: not a content token
+    special[..., cpos[-1] + 1:] += 5.0  # EOS and padding
+    maps_s = {"down_blocks_0/attn2": special[0], "up_blocks_1/attn2": special[1]}
+    np.testing.assert_allclose(np.asarray(disdiff.erasure_loss(maps_s, tb, cb, 100.0)), got, rtol=1e-5)
+    more = raw.copy()
+    more[..., tpos] += 0.05
+    maps_m = {"down_blocks_0/attn2": more[0], "up_blocks_1/attn2": more[1]}
+    assert np.all(np.asarray(disdiff.erasure_loss(maps_m, tb, cb, 100.0)) < got)
+    with pytest.raises(ValueError, match="not in the prompt"):
+        disdiff.token_masks(sur, "a photo of a person", "sks")
+
+
+def test_disdiff_scheduler_follows_the_reference_rules(sur):
+    """MSS: ``custom_function_cos(t, 999)``; the search: ``select_timestep``'s window removal (clamped to
+    [20, 980], +-20, restated as its loop) and its min / max choice (first on ties); the PGD draw: uniform over the
+    retained timesteps, and with all retained exactly :func:`finetune.diffusion_draw`'s t."""
+    t = np.array([0, 1, 250, 499, 500, 998, 999])
+    np.testing.assert_allclose(np.asarray(disdiff.mss_weight(t, 1000)), 0.5 * (np.cos(t / 999 * np.pi) + 1),
+                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(disdiff.mss_weight([0, 999], 1000)), [1.0, 0.0], atol=1e-7)
+
+    mask = np.ones((4, 1000), bool)
+    mask[3, 100:130] = False  # an earlier removal, overlapped by this one
+    centre = np.array([3, 990, 500, 120])
+    want = mask.astype(np.int64)
+    for i, d in enumerate(centre):  # the reference's per-image loop
+        d = 20 if d < 20 else (1000 - 20 if d > 1000 - 20 else d)
+        want[i, d - 20:d + 20] -= 1
+    want = np.clip(want, 0, 1).astype(bool)
+    got = disdiff.remove_window(mask, centre, 20)
+    np.testing.assert_array_equal(got, want)
+    assert list(got.sum(1)) == [960] * 4
+
+    cands = np.array([[7, 1, 5], [8, 2, 6], [9, 3, 6]])  # [K=3, B=3]
+    scores = np.array([[1.0, 5.0, 2.0], [0.5, 5.0, 2.0], [3.0, 5.0, 1.0]])
+    removed, selected = disdiff.search_choice(cands, scores)
+    np.testing.assert_array_equal(removed, [8, 1, 6])
+    np.testing.assert_array_equal(selected, [9, 1, 5])
+
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(9), i))(jnp.arange(400))
+    kept = np.zeros((400, 1000), bool)
+    kept[:, 300:340] = kept[:, 900:910] = True
+    ts = np.asarray(disdiff.sample_timesteps(keys, kept))
+    assert np.all(kept[np.arange(400), ts]) and len(set(ts.tolist())) > 40  # only retained ones, all of them
+    full = np.asarray(disdiff.sample_timesteps(keys, np.ones((400, 1000), bool)))
+    ref = np.asarray(ft.diffusion_draw(sur, None, keys, z0=jnp.zeros((400, 1)))[2])  # ASPL's draw of t
+    np.testing.assert_array_equal(full, ref)
+    with pytest.raises(ValueError, match="search_keep"):
+        disdiff.DisDiffConfig(search_keep=30, search_window=20)
+
+
+def test_disdiff_keeps_budget(sur, data):
+    """One DisDiff epoch (a two-round search, then 3 PGD steps; no training steps, which are ASPL's and run in the
+    flagfile test): the perturbation moves, within the L_inf budget and [0,1]; each step reports L_cond, L_CAE and
+    its t, drawn from the timesteps the search kept."""
+    x, uid, emb = data
+    cfg = baselines.BaselineConfig(method="disdiff", epochs=1, clean_steps=0, pgd_steps=3, adv_steps=0)
+    dcfg = disdiff.DisDiffConfig(search_steps=2)
+    p, h = disdiff.protect(sur, x, uid, emb, x, uid, emb, cfg, dcfg, jax.random.key(4))
+    d = np.asarray(p.delta)
+    assert 0 < np.abs(d).max() <= cfg.eps + 1e-6 and (x + d).min() >= 0 and (x + d).max() <= 1
+    kept = h["disdiff/kept"]
+    assert int(p.step) == 3 and np.all((880 <= kept.sum(-1)) & (kept.sum(-1) <= 960))  # 2 x 40 removed (overlap)
+    assert len(h["disdiff/cond"][0]) == 3 and len(h["disdiff/att"][0]) == 3
+    att = np.stack(h["disdiff/att"][0])
+    assert np.all((att > 0) & (att < 1)) and np.isfinite(np.stack(h["disdiff/cond"][0])).all()
+    ts = np.stack(h["disdiff/t"][0])  # [steps, B]
+    assert np.all(kept[np.arange(2), ts]) and np.unique(ts).size > 1
+    c = disdiff.curves(h, dcfg)
+    np.testing.assert_allclose(c["loss"], c["disdiff/cond"] + 0.1 * c["disdiff/att"], rtol=1e-6)
+    assert c["loss"].shape == (2, 3)
 
 
 def test_memory_efficient_attention_is_the_same_function(sur, data, layers):

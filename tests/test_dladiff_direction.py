@@ -4,6 +4,8 @@
   PGD (``attacks/fsmg.py::main``) ascend L_cond: on one fixed draw (t, noise, VAE sample), one step raises L_cond
   for every image of the batch, and the same step with its sign flipped lowers it. The step is pinned to
   ``+step_size * sign(grad)`` of a gradient taken here.
+- DisDiff's PGD (``riolys/DisDiff`` ``attacks/disdiff.py::pgd_attack``) ascends L_cond + lambda L_CAE with the
+  MSS step ``step_size * w(t) * sign(grad)``: the same check, on the step's own values at one fixed draw.
 - Eq. 9's prior term (DLADiff) / DreamBooth's prior preservation (ASPL): the training loss is ``L_inst`` at
   ``prior_weight = 0`` (prior images ignored) and ``L_inst + lambda L_prior`` with prior images, both recomputed
   here from :func:`editors.finetune.diffusion_loss` with the keys written out.
@@ -19,7 +21,7 @@ import pytest
 
 from tdae_jax import prng
 from tdae_jax.defenses import pgd as pgd_lib
-from tdae_jax.defenses.dladiff import adft, baselines, dsur
+from tdae_jax.defenses.dladiff import adft, baselines, disdiff, dsur
 from tdae_jax.editors import finetune as ft
 from tdae_jax.parallel import mesh as meshlib
 from tdae_jax.pipeline import _tiny
@@ -107,6 +109,60 @@ def test_step_raises_cond_and_flipped_step_lowers_it(sur, data, kind):
     l_down = np.asarray(_cond(sur, unet, jnp.asarray(x + flipped), jnp.asarray(emb), keys)[0])
     assert np.all(l_up > l0), (l0, l_up)  # every image
     assert np.all(l_down < l0), (l0, l_down)
+
+
+def _disdiff_probe(sur, unet, x, uid, emb, tmask, cfg, weight, key):
+    """A DisDiff step from ``delta`` at step 0's draw (keys ``image_keys(key, uid, 0)``, t from ``tmask``):
+    returns ``delta -> (L_cond + weight L_CAE before the step [B], delta after it, metrics)``."""
+    dcfg = disdiff.DisDiffConfig()
+    scfg = disdiff.step_config(cfg, dcfg, dsur.select_layers(sur, 32, 16, kinds=(dsur.CROSS,)))
+    target, content = disdiff.token_masks(sur, PROMPT, dcfg.token)
+    mesh = ft.data_mesh(2)
+    batch = meshlib.shard_batch({"x0": jnp.asarray(x), "uid": jnp.asarray(uid), "emb": jnp.asarray(emb),
+                                 "tmask": jnp.asarray(tmask), "target": jnp.asarray(np.repeat(target[None], 2, 0)),
+                                 "content": jnp.asarray(np.repeat(content[None], 2, 0))}, mesh)
+    base, unet = meshlib.replicate(sur, mesh), meshlib.replicate(unet, mesh)
+
+    def probe(delta):
+        d = jnp.asarray(delta, jnp.float32)
+        p = adft._place_perturb(adft.PerturbState(d, adft.image_optimizer(cfg).init(d), jnp.zeros((), jnp.int32)),
+                                mesh)
+        p, m = disdiff.step_jit(p, base, unet, batch, key, weight, dcfg.mss, scfg)
+        m = {k: np.asarray(v) for k, v in m.items()}
+        return m["disdiff/cond"] + weight * m["disdiff/att"], np.asarray(p.delta), m
+
+    return probe
+
+
+def test_disdiff_step_raises_its_objective_and_flipped_step_lowers_it(sur, data):
+    """One DisDiff step against ASPL's kind of surrogate (trained UNet and text encoder), t drawn from a set the
+    search could have kept: its size is ``step_size * w(t)`` (MSS) per image; L_cond + 0.1 L_CAE rises for every
+    image on that draw and falls under the flipped step; with lambda = 1e3 the CAE term alone rises (the
+    identifier's attention share is erased). The traced lambda: one compiled step for both."""
+    x, uid, emb0 = data
+    unet, emb, cfg = _surrogate_for("aspl", sur, emb0)
+    tmask = np.zeros((2, 1000), bool)
+    tmask[0, :400] = True
+    tmask[1, 200:600] = True  # t <= 599: MSS weights >= 0.35, a visible step
+    key = adft.stream_key(jax.random.key(0), "test/disdiff")
+    probe = _disdiff_probe(sur, unet, x, uid, emb, tmask, cfg, 0.1, key)
+    l0, delta, m = probe(np.zeros_like(x))
+    t, w = m["disdiff/t"], m["disdiff/weight"]
+    assert np.all(tmask[np.arange(2), t]) and np.all(m["disdiff/att"] > 0)
+    np.testing.assert_allclose(w, 0.5 * (np.cos(t / 999 * np.pi) + 1), rtol=1e-6)
+    size = cfg.step_size * w[:, None, None, None]
+    assert np.mean(np.abs(np.abs(delta) - size) < 1e-6) > 0.999  # +-step * w(t) on (almost) every pixel
+    flipped = np.asarray(pgd_lib.project(jnp.asarray(-delta), jnp.asarray(x), cfg.eps))
+    np.testing.assert_allclose(flipped, -delta, atol=1e-6)  # nothing clipped: the opposite step
+    (l_up, _, m_up), (l_down, _, _) = probe(delta), probe(flipped)
+    np.testing.assert_array_equal(m_up["disdiff/t"], t)  # the same draw
+    assert np.all(l_up > l0), (l0, l_up)
+    assert np.all(l_down < l0), (l0, l_down)
+
+    cae = _disdiff_probe(sur, unet, x, uid, emb, tmask, cfg, 1e3, key)
+    _, delta_cae, m0 = cae(np.zeros_like(x))
+    att_up = cae(delta_cae)[2]["disdiff/att"]
+    assert np.all(att_up > m0["disdiff/att"]), (m0["disdiff/att"], att_up)
 
 
 # ------------------------------------------------------------------------------------------------ prior term

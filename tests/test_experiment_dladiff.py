@@ -1,4 +1,4 @@
-"""python -m experiments.dladiff end to end on the tiny surrogate: the five flagfiles with short step counts,
+"""python -m experiments.dladiff end to end on the tiny surrogate: the six flagfiles with short step counts,
 the workdir contract, budgets on disk, exit codes 0 / 1 / 2 and resume.
 
 Inputs are the shipped astronaut and cat (256 px): layer 1 works at 32 px on the tiny surrogate (2 images,
@@ -23,6 +23,7 @@ SHORT = ["--static_steps=1", "--static_batch=2", "--epochs=1", "--iter1=1", "--i
          "--aspl_clean_steps=1", "--aspl_pgd_steps=1", "--aspl_adv_steps=1", "--fsmg_steps=1", "--fsmg_surrogate_steps=1", "--ckpt_every=0",
          "--encoders=iresnet_tiny", "--detector=none", "--zs_max_steps=12", "--step_zs=0.004", "--zs_threshold=0",
          "--zs_check_every=6", "--baseline_num_class_images=2", "--baseline_class_steps=2",
+         "--disdiff_search_steps=1",
          "--weights_dir=tiny"]  # the built-in tiny SD model (the flagfiles need real weights)
 
 
@@ -108,10 +109,12 @@ def test_both_layers_and_missing_face_fails(inputs, tmp_path, capsys):
     assert not (work / "protected" / "chelsea.png").exists()
 
 
-@pytest.mark.parametrize("flagfile", ["dladiff_aspl.flags", "dladiff_fsmg.flags"])
+@pytest.mark.parametrize("flagfile", ["dladiff_aspl.flags", "dladiff_fsmg.flags", "dladiff_disdiff.flags"])
 def test_baseline_flagfiles(inputs, tmp_path, flagfile):
     work = tmp_path / flagfile.split(".")[0]
-    assert run(flagfile, inputs, work) == 0
+    # DisDiff's MSS scales a step by (1 + cos(pi t / 999)) / 2: one step of 2.5e-3 moves less than half a grey level
+    extra = ["--aspl_pgd_steps=3"] if "disdiff" in flagfile else []
+    assert run(flagfile, inputs, work, *extra) == 0
     r = rows(work)
     for name in ("astronaut", "chelsea"):
         assert r[name]["status"] == "done" and 0 < int(r[name]["linf_255"]) <= 7
@@ -123,6 +126,12 @@ def test_baseline_flagfiles(inputs, tmp_path, flagfile):
     assert cfg["baseline"]["train_text_encoder"] and cfg["baseline"]["prior_weight"] == 1.0
     if "fsmg" in flagfile:
         assert cfg["baseline"]["fsmg_surrogate"] == "adb" and cfg["baseline"]["fsmg_surrogate_batch"] == 2
+    if "disdiff" in flagfile:  # DisDiff's scripts/disdiff.sh: CAE 0.1 on "sks", MSS, SimAC's search, one model
+        dd = cfg["disdiff"]
+        assert (dd["att_weight"], dd["token"], dd["mss"], dd["search"], dd["shared_surrogate"]) == (0.1, "sks", True,
+                                                                                                   True, True)
+        curve = json.loads((work / "curves" / "astronaut.json").read_text())  # L_cond + 0.1 L_CAE and its terms
+        assert {"loss", "disdiff/cond", "disdiff/att"} <= set(curve) and len(curve["loss"]) == 3
 
 
 def test_usage_errors(inputs, tmp_path, capsys):

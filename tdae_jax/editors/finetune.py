@@ -172,15 +172,9 @@ def regression_target(surrogate, z0, noise, t):
     return jnp.sqrt(a) * noise - jnp.sqrt(1.0 - a) * z0  # v_prediction
 
 
-def diffusion_loss(surrogate, x, emb, keys, latent_sample: bool = True, z0=None):
-    """Per-image ``mean ||target - UNet(z_t, t, c)||^2`` ``[B]`` at a random ``t`` and noise from ``keys``.
-
-    Args:
-      surrogate: ``sd`` family (its params are what is differentiated).
-      x: ``[B,H,W,3]`` in [0,1] (ignored when ``z0`` is given).
-      emb: ``[B,T,D]`` text embeddings.
-      keys: ``[B]`` typed keys; streams 1 = t, 2 = noise, 3 = VAE posterior sample.
-    """
+def diffusion_draw(surrogate, x, keys, latent_sample: bool = True, z0=None, t=None):
+    """``(z0, noise, t)``: the draw of :func:`diffusion_loss` from ``keys`` (streams 1 = t, 2 = noise, 3 = VAE
+    posterior sample). ``t [B]``: given timesteps instead of the uniform draw of stream 1."""
     if z0 is None:
         if latent_sample:
             mean, std = surrogate.moments(x)
@@ -188,11 +182,32 @@ def diffusion_loss(surrogate, x, emb, keys, latent_sample: bool = True, z0=None)
             z0 = (mean + std * e) * surrogate.static.scaling_factor
         else:
             z0 = surrogate.encode(x)
-    t = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 1), (), 0, surrogate.num_train_timesteps))(keys)
+    if t is None:
+        t = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 1), (), 0, surrogate.num_train_timesteps))(
+            keys)
     noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 2), z0.shape[1:], z0.dtype))(keys)
-    out = surrogate.unet_out(surrogate.add_noise(z0, noise, t), t, emb)
+    return z0, noise, t
+
+
+def diffusion_error(surrogate, out, z0, noise, t):
+    """Per-image ``mean ||target - out||^2`` ``[B]`` of a UNet output ``out`` on the draw ``(z0, noise, t)``."""
     err = jnp.square(out.astype(jnp.float32) - regression_target(surrogate, z0, noise, t).astype(jnp.float32))
     return jnp.mean(err, axis=tuple(range(1, err.ndim)))
+
+
+def diffusion_loss(surrogate, x, emb, keys, latent_sample: bool = True, z0=None, t=None):
+    """Per-image ``mean ||target - UNet(z_t, t, c)||^2`` ``[B]`` at a random ``t`` and noise from ``keys``.
+
+    Args:
+      surrogate: ``sd`` family (its params are what is differentiated).
+      x: ``[B,H,W,3]`` in [0,1] (ignored when ``z0`` is given).
+      emb: ``[B,T,D]`` text embeddings.
+      keys: ``[B]`` typed keys; streams 1 = t, 2 = noise, 3 = VAE posterior sample (:func:`diffusion_draw`).
+      t: ``[B]`` timesteps to use instead of stream 1's uniform draw.
+    """
+    z0, noise, t = diffusion_draw(surrogate, x, keys, latent_sample, z0, t)
+    out = surrogate.unet_out(surrogate.add_noise(z0, noise, t), t, emb)
+    return diffusion_error(surrogate, out, z0, noise, t)
 
 
 def _embed(sur, batch, prefix=""):

@@ -113,7 +113,7 @@ def _one_pass(sur: Surrogate, cfg: Objective, plan: schedulers.Plan, from_noise:
 
     def one_pass(delta, batch, emb, keys):
         x = batch["x0"] + delta
-        cond = common.conditioning(sur, x, batch, keys if sur.family == "inpaint" else None)
+        cond = common.conditioning(sur, x, batch, keys)  # keys: a posterior draw where the family samples one
         shape = (sur.latent_channels, x.shape[1] // sur.downsample, x.shape[2] // sur.downsample)
         noise = common.draw_noise(keys, 1, shape)[0]
         if from_noise:  # InstructPix2Pix, inpainting at strength 1: noise * init_noise_sigma

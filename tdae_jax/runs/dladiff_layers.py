@@ -1,7 +1,7 @@
 """DLADiff's two layers on one identity, as the runner calls them (the pure steps live in ``defenses/dladiff``).
 
-- Layer 1 (DLADiff §4.1-4.2, Alg. 1; or the Anti-DreamBooth baselines ASPL / FSMG): the identity's photos as one
-  batch against one static (DSUR) / dynamic (ADFT) surrogate pair: :func:`layer1`.
+- Layer 1 (DLADiff §4.1-4.2, Alg. 1; or the baselines ASPL / FSMG (Anti-DreamBooth) and DisDiff): the identity's
+  photos as one batch against one static (DSUR) / dynamic (ADFT) surrogate pair: :func:`layer1`.
 - Layer 2 (DLADiff §4.3): PGD on the face crop against identity encoders, per image at its own resolution, on top
   of layer 1: :func:`layer2`.
 - ISM_pro (DLADiff §5.1): identity similarity of the written image to the clean photo: :func:`ism_pro`.
@@ -19,7 +19,7 @@ import numpy as np
 
 from tdae_jax import checkpoint, prng
 from tdae_jax.data import io as dio
-from tdae_jax.defenses.dladiff import adft, baselines, dsur, zeroshot
+from tdae_jax.defenses.dladiff import adft, baselines, disdiff, dsur, zeroshot
 from tdae_jax.editors import finetune as ft
 from tdae_jax.metrics import identity as idm
 from tdae_jax.parallel import mesh as meshlib
@@ -105,6 +105,10 @@ def layer1(cfg, sur, x, uids, x_clean, uid_clean, ckpt_dir: Path, progress):
     if cfg.method == "aspl":
         p, h = baselines.aspl(sur, x, uids, emb, x_clean, uid_clean, emb_c, cfg.baseline, base, mesh=mesh)
         return np.asarray(p.delta), {"loss": np.concatenate([np.stack(c, 1) for c in h["aspl/cond"]], 1)}
+    if cfg.method == "disdiff":
+        p, h = disdiff.protect(sur, x, uids, emb, x_clean, uid_clean, emb_c, cfg.baseline, cfg.disdiff, base,
+                               mesh=mesh, on_epoch=_disdiff_log(cfg, progress))
+        return np.asarray(p.delta), disdiff.curves(h, cfg.disdiff)
     if cfg.method == "fsmg" and cfg.baseline.fsmg_surrogate == "adb":
         steps = cfg.baseline.fsmg_surrogate_steps
         unet, emb1 = baselines.fsmg_surrogate(sur, x_clean, uid_clean, cfg.baseline, base, mesh=mesh,
@@ -119,6 +123,17 @@ def layer1(cfg, sur, x, uids, x_clean, uid_clean, ckpt_dir: Path, progress):
         p, h = baselines.fsmg(sur, s_unet, x, uids, emb, cfg.baseline, base, mesh=mesh)
         return np.asarray(p.delta), {"loss": np.stack(h["fsmg/cond"], 1)}
     return _adft(cfg, sur, s_unet, x, uids, emb, base, mesh, ckpt_dir, progress)
+
+
+def _disdiff_log(cfg, progress):
+    """DisDiff's ``on_epoch``: one progress line per epoch (its losses, the timesteps the search kept)."""
+    t0 = time.perf_counter()
+
+    def on_epoch(ep, p, h):
+        mean = lambda name: float(np.mean(h[name][-1])) if h[name][-1] else 0.0  # noqa: E731
+        progress(f"DisDiff epoch {ep}/{cfg.baseline.epochs}: L_cond={mean('disdiff/cond'):.4g} "
+                 f"L_CAE={mean('disdiff/att'):.4g} {time.perf_counter() - t0:.0f}s")
+    return on_epoch
 
 
 def _train_log(what: str, steps: int, progress):

@@ -44,6 +44,8 @@ layer 1 gets), so that FSMG and DLADiff can be compared on one surrogate.
 
 The PGD step of both is ADFT's stage 2 (:func:`adft.stage2_jit`, through :func:`pgd`) on its own key stream;
 training is :func:`adft.train_on` (:func:`editors.finetune.train_step`). Outputs are ``(PerturbState, history)``.
+ASPL's outer loop is :func:`alternate`, which DisDiff (``dladiff/disdiff.py``, built on ASPL) reuses with its own
+image steps.
 """
 from __future__ import annotations
 
@@ -66,7 +68,7 @@ INSTANCE_PROMPT = "a photo of sks person"  # ADB --instance_prompt; DLADiff §3.
 class BaselineConfig:
     """ASPL / FSMG settings; ADB's value (script ``attack_with_aspl.sh``) in each comment, [0,1] pixel units."""
 
-    method: str = "aspl"  # aspl | fsmg
+    method: str = "aspl"  # aspl | fsmg | disdiff (ASPL's loop, dladiff/disdiff.py)
     eps: float = 7.0 / 255.0  # DLADiff's budget (ADB --pgd_eps 5e-2 in [-1,1] = 0.025)
     step_size: float = 2.5e-3  # ADB --pgd_alpha 5e-3 in [-1,1]
     epochs: int = 50  # --max_train_steps
@@ -89,8 +91,8 @@ class BaselineConfig:
     fsmg_surrogate_batch: int = 2  # attack_with_fsmg.sh --train_batch_size
 
     def __post_init__(self):
-        if self.method not in ("aspl", "fsmg"):
-            raise ValueError(f"method must be 'aspl' or 'fsmg', got {self.method!r}")
+        if self.method not in ("aspl", "fsmg", "disdiff"):
+            raise ValueError(f"method must be 'aspl', 'fsmg' or 'disdiff', got {self.method!r}")
         if self.update not in ("sign", "raw"):
             raise ValueError(f"update must be 'sign' or 'raw', got {self.update!r}")
         if self.fsmg_surrogate not in ("adb", "dsur"):
@@ -175,10 +177,38 @@ def aspl(surrogate, x0, uid, emb, x_clean, uid_clean, emb_clean, cfg: BaselineCo
     ``prior``: the class-image pool (:func:`class_pool` / :func:`adft.prior_pool`), used by both trainings with
     ``cfg.prior_weight > 0``; default :func:`class_pool` at the instance size on the ``"aspl/class"`` stream
     (ADB ``main`` samples them before the attack). Returns ``(PerturbState, history)``."""
-    ids, prior = _recipe_inputs(surrogate, np.shape(x0)[1], cfg, base_key, ids, prior)
+    kp = adft.stream_key(base_key, "aspl/pgd")
+
+    def attack(p, base, unet, batch):
+        p, conds = pgd(p, base, unet, batch, kp, cfg, cfg.pgd_steps)
+        return p, {"cond": conds}
+
+    p, hist = alternate(surrogate, x0, uid, emb, x_clean, uid_clean, emb_clean, cfg, base_key, attack, prefix="aspl",
+                        mesh=mesh, on_epoch=on_epoch, ids=ids, prior=prior)
+    hist.setdefault("aspl/cond", [])  # epochs = 0
+    return p, hist
+
+
+def alternate(surrogate, x0, uid, emb, x_clean, uid_clean, emb_clean, cfg: BaselineConfig, base_key, attack, *,
+              prefix: str = "aspl", copy_surrogate: bool = True, extra: dict | None = None, mesh=None,
+              on_epoch=None, ids=None, prior: dict | None = None):
+    """ASPL's outer loop (``aspl.py::main``), shared with the methods built on it (DisDiff). Per epoch: a
+    surrogate trained ``cfg.clean_steps`` on ``x_clean``, ``attack`` against it, then ``f`` trained
+    ``cfg.adv_steps`` on ``x0 + delta``; every training call starts a fresh AdamW (``train_one_epoch``).
+
+    ``attack(p, base, unet, batch) -> (p, {name: value})``: the epoch's image steps against the surrogate's UNet;
+    ``batch`` holds ``x0``, ``uid``, ``emb`` (re-embedded by the surrogate's text encoder when it trains) and the
+    arrays of ``extra`` (host ``[B,...]``, sharded like ``x0``). ``copy_surrogate``: the surrogate is a copy of
+    ``f`` (ASPL); False trains ``f`` itself on the clean photos, then on the perturbed ones (DisDiff's
+    ``train_one_epoch`` copies nothing). Streams and history keys are named ``<prefix>/...``: history holds
+    ``<prefix>/<name>`` per epoch for each attack output, ``<prefix>/train_clean`` and ``<prefix>/train_adv``.
+    Returns ``(PerturbState, history)``."""
+    ids, prior = _recipe_inputs(surrogate, np.shape(x0)[1], cfg, base_key, ids, prior, f"{prefix}/class")
     b, n_clean = np.shape(x0)[0], np.shape(x_clean)[0]
     mesh = ft.data_mesh(math.gcd(b, n_clean), mesh)  # one mesh for both batches
     batch = _shard(x0, uid, emb, mesh)
+    if extra:
+        batch.update(meshlib.shard_batch({k: jnp.asarray(v) for k, v in extra.items()}, mesh))
     clean = _shard(x_clean, uid_clean, emb_clean, mesh)
     ids1 = None if ids is None else np.asarray(ids, np.int32).reshape(1, -1)
     ids_b, ids_c = (None, None) if ids1 is None else (np.repeat(ids1, b, 0), np.repeat(ids1, n_clean, 0))
@@ -187,22 +217,23 @@ def aspl(surrogate, x0, uid, emb, x_clean, uid_clean, emb_clean, cfg: BaselineCo
     tr_adv, tr_clean = cfg.train(cfg.adv_steps, b), cfg.train(cfg.clean_steps, n_clean)
     frozen = ft.frozen_part(base, tr_adv)
     f = meshlib.replicate(ft.init_state(surrogate, tr_adv), mesh)
-    hist = {"aspl/cond": [], "aspl/train_clean": [], "aspl/train_adv": []}
-    kp = adft.stream_key(base_key, "aspl/pgd")
+    hist = {f"{prefix}/train_clean": [], f"{prefix}/train_adv": []}
     for ep in range(cfg.epochs):
-        # train_one_epoch deep-copies the models and builds a fresh AdamW on every call: no optimizer state persists
-        f_sur = meshlib.replicate(_fresh(_copy(f.trainable), _copy(f.step), tr_clean), mesh)  # own buffers
+        # train_one_epoch builds a fresh AdamW on every call: no optimizer state persists
+        src = (_copy(f.trainable), _copy(f.step)) if copy_surrogate else (f.trainable, f.step)  # own buffers
+        f_sur = meshlib.replicate(_fresh(*src, tr_clean), mesh)
         f_sur, l_clean = adft.train_on(f_sur, frozen, clean["x0"], clean["uid"], clean["emb"], base_key, tr_clean,
-                                       mesh, stream="aspl/clean", prior=prior, ids=ids_c)
-        p, conds = pgd(p, base, f_sur.trainable["unet"], _pgd_batch(batch, frozen, f_sur, ids_b, mesh), kp, cfg,
-                       cfg.pgd_steps)
+                                       mesh, stream=f"{prefix}/clean", prior=prior, ids=ids_c)
+        p, out = attack(p, base, f_sur.trainable["unet"], _pgd_batch(batch, frozen, f_sur, ids_b, mesh))
         x_adv = jnp.clip(batch["x0"] + p.delta, 0.0, 1.0)
+        f = f if copy_surrogate else f_sur
         f = meshlib.replicate(_fresh(f.trainable, f.step, tr_adv), mesh)
         f, l_adv = adft.train_on(f, frozen, x_adv, batch["uid"], batch["emb"], base_key, tr_adv, mesh,
-                                 stream="aspl/adv", prior=prior, ids=ids_b)
-        hist["aspl/cond"].append(conds)
-        hist["aspl/train_clean"].append(l_clean)
-        hist["aspl/train_adv"].append(l_adv)
+                                 stream=f"{prefix}/adv", prior=prior, ids=ids_b)
+        for name, value in out.items():
+            hist.setdefault(f"{prefix}/{name}", []).append(value)
+        hist[f"{prefix}/train_clean"].append(l_clean)
+        hist[f"{prefix}/train_adv"].append(l_adv)
         if on_epoch is not None:
             on_epoch(ep + 1, p, hist)
     return p, hist
@@ -222,12 +253,13 @@ def fsmg(surrogate, fixed_unet, x0, uid, emb, cfg: BaselineConfig, base_key, *, 
     return p, {"fsmg/cond": conds}
 
 
-def _recipe_inputs(surrogate, size: int, cfg: BaselineConfig, base_key, ids, prior):
-    """``(ids, prior)`` for :func:`aspl`: the given ones, else those ``cfg`` needs (``None`` when unused)."""
+def _recipe_inputs(surrogate, size: int, cfg: BaselineConfig, base_key, ids, prior, stream: str = "aspl/class"):
+    """``(ids, prior)`` for :func:`alternate`: the given ones, else those ``cfg`` needs (``None`` when unused);
+    the class pool is sampled on ``stream``."""
     if cfg.train_text_encoder and ids is None:
         ids = surrogate.tokenize([cfg.prompt])
     if cfg.prior_weight > 0 and not prior:
-        prior = class_pool(surrogate, cfg, adft.stream_key(base_key, "aspl/class"), size=size, steps=cfg.class_steps)
+        prior = class_pool(surrogate, cfg, adft.stream_key(base_key, stream), size=size, steps=cfg.class_steps)
     return ids, prior
 
 
