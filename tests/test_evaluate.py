@@ -162,6 +162,28 @@ def _identical_run(run: Path, dest: Path):
     return dest, manifest
 
 
+def test_cli_resumes_from_stored_units(protect_runs, tmp_path, monkeypatch):
+    """Each finished (batch of sources, victim) unit is stored: a stopped evaluation re-run with the same command
+    computes only the missing units and writes the same metrics; other settings discard the stored units."""
+    _, runs = protect_runs
+    out = tmp_path / "eval"
+    args = ["evaluate", f"--runs={runs[0]}", f"--outdir={out}", "--victims=tsd:sd:tiny|steps=2",
+            "--purify=none,jpeg75", "--seeds=0", "--fast_compile", "--eval_batch_size=1"]
+    assert ev_cli.run_cli(args) == 0
+    first = (out / "metrics.csv").read_text()
+    units = sorted((out / "partial").glob("*.npz"))
+    assert len(units) == 2  # 2 images in batches of 1, one victim
+    units[0].unlink()  # as if the run had stopped before its last unit
+    calls, victim = [], ev.Runner._victim
+    monkeypatch.setattr(ev.Runner, "_victim", lambda self, v, *a: calls.append(v.name) or victim(self, v, *a))
+    assert ev_cli.run_cli(args) == 0
+    assert calls == ["tsd"] and (out / "metrics.csv").read_text() == first
+    assert (out / "report.html").read_text().count("<img") >= 2 * 4  # loaded units keep their thumbnails
+    calls.clear()
+    assert ev_cli.run_cli([*args[:-2], "--seeds=1", args[-1]]) == 0  # other settings: everything recomputed
+    assert calls == ["tsd", "tsd"] and (out / "metrics.csv").read_text() != first
+
+
 def test_identical_protected_rows_are_ideal_and_missing_files_exit_1(protect_runs, tmp_path):
     """A hand-made run whose 'protected' image is the original: every protection row is ideal; a done entry
     whose PNG is missing is reported (exit code 1) without losing the other rows. LPIPS via --lpips_weights."""

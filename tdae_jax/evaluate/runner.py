@@ -16,6 +16,7 @@ from tdae_jax.evaluate.runs import Item, RunInfo, _find_prompt, load_item, promp
 from tdae_jax.evaluate.scores import compare, edit_keys, worst_rows
 from tdae_jax.evaluate.specs import (CLIP_METRICS, METRICS, EvalConfig, UsageError, VictimSpec, load_clip,
                                      load_model, parse_model)
+from tdae_jax.evaluate.unit_cache import UnitCache
 
 log = logging.getLogger("tdae_jax")
 
@@ -176,21 +177,42 @@ class Runner:
             groups.setdefault(it.source_key, []).append(it)
         order = list(groups)
         rows, thumbs = [], {}
+        cache = UnitCache(cfg.outdir, cfg)
         for c in range(0, len(order), cfg.batch_size):
             chunk = [groups[k] for k in order[c:c + cfg.batch_size]]
-            self.progress(f"sources {c + 1}-{c + len(chunk)} of {len(order)}: purifying "
-                          f"({', '.join(p.name for p in self.purifiers)})")
-            pur = self._purify(chunk)
-            for v in cfg.victims:
-                self.progress(f"sources {c + 1}-{c + len(chunk)} of {len(order)}: victim {v.name}")
-                try:
-                    rows.extend(self._victim(v, chunk, pur, thumbs))
-                except Exception as e:  # noqa: BLE001 - one victim failing must not lose the others
-                    self.failures.append(f"victim {v.name} on {[g[0].id for g in chunk]}: {type(e).__name__}: {e}")
-                    log.exception("victim %s failed", v.name)
+            self._chunk(chunk, f"sources {c + 1}-{c + len(chunk)} of {len(order)}", cache, rows, thumbs)
         if len(self.purifiers) > 1:
             rows.extend(worst_rows(rows, METRICS + CLIP_METRICS))
         return EvalResult(rows, self.failures, Path(cfg.outdir), self.runs, thumbs)
+
+    def _chunk(self, chunk, label: str, cache: UnitCache, rows: list, thumbs: dict) -> None:
+        """Every victim on one batch of sources: stored units are loaded, the others computed and stored."""
+        todo = []
+        for v in self.cfg.victims:
+            got = cache.load(v.name, chunk)
+            if got is None:
+                todo.append(v)
+            else:
+                rows.extend(got[0])
+                thumbs.update(got[1])
+        if len(todo) < len(self.cfg.victims):
+            self.progress(f"{label}: {len(self.cfg.victims) - len(todo)} victim(s) loaded from an earlier run")
+        if not todo:
+            return
+        self.progress(f"{label}: purifying ({', '.join(p.name for p in self.purifiers)})")
+        pur = self._purify(chunk)
+        for v in todo:
+            self.progress(f"{label}: victim {v.name}")
+            unit_thumbs: dict = {}
+            try:
+                unit_rows = self._victim(v, chunk, pur, unit_thumbs)
+            except Exception as e:  # noqa: BLE001 - one victim failing must not lose the others
+                self.failures.append(f"victim {v.name} on {[g[0].id for g in chunk]}: {type(e).__name__}: {e}")
+                log.exception("victim %s failed", v.name)
+                continue
+            cache.save(v.name, chunk, unit_rows, unit_thumbs)
+            rows.extend(unit_rows)
+            thumbs.update(unit_thumbs)
 
     def _random(self, p) -> bool:
         return p.spec.kind in ("noise", "diffpure", "noisyup")
