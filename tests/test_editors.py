@@ -212,3 +212,12 @@ def test_oracle_denoiser_lands_on_x0(kind, strength):
     if kind == "dpmpp_2m" and strength:  # differentiable end to end (PhotoGuard-style losses), remat'd body
         g = jax.grad(lambda z0: run(z0, noise).sum())(x0)
         assert np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).max() > 0
+
+
+def test_which_editors_start_from_noise():
+    """diffusers: inpainting at strength 1 starts from pure noise (is_strength_max), img2img noises the image's
+    latents even at strength 1, InstructPix2Pix (no strength) always starts from noise."""
+    from tdae_jax import editors
+
+    assert editors.starts_from_noise("inpaint", 1.0) and not editors.starts_from_noise("inpaint", 0.75)
+    assert not editors.starts_from_noise("img2img", 1.0) and editors.starts_from_noise("ip2p", None)

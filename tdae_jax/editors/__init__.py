@@ -28,7 +28,8 @@ import jax.numpy as jnp
 from tdae_jax.editors import schedulers
 from tdae_jax.editors.common import (  # the shared pieces, re-exported (editors.Editor, editors.get_noise, ...)
     ALIASES, FAMILY, FAMILY_SCHEDULER, FAMILY_SCHEDULER_OPTIONS, KINDS, PIPELINE_DEFAULTS, STREAMS, Editor,
-    as_keys, broadcast_uncond, encode, finish, get_noise, get_step_noise, latent_shape, plan_for, unet_branches,
+    as_keys, broadcast_uncond, encode, finish, get_noise, get_step_noise, latent_shape, plan_for, starts_from_noise,
+    unet_branches,
 )
 
 MODULES = {"img2img": "tdae_jax.editors.img2img", "ip2p": "tdae_jax.editors.ip2p",
@@ -136,4 +137,4 @@ def make_editor(kind: str, surrogate, mesh=None, compiler_options: Mapping | Non
 __all__ = ["ALIASES", "Editor", "EditFn", "FAMILY", "FAMILY_SCHEDULER", "FAMILY_SCHEDULER_OPTIONS", "KINDS", "MODULES",
            "PIPELINE_DEFAULTS", "SD3_KINDS", "STREAMS", "as_keys", "broadcast_uncond", "editor_module", "embed_prompts",
            "encode", "finish", "get_noise", "get_step_noise", "jitted", "latent_shape", "make_editor", "plan_for",
-           "schedulers", "unet_branches"]
+           "schedulers", "starts_from_noise", "unet_branches"]

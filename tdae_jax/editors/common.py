@@ -25,11 +25,19 @@ PIPELINE_DEFAULTS = {  # diffusers 0.39.0 __call__ defaults
     "ip2p": {"num_inference_steps": 100, "strength": None},
     "inpaint": {"num_inference_steps": 50, "strength": 1.0},
 }
+# Editors whose pipeline starts from pure noise at strength >= 1 (diffusers' inpainting ``is_strength_max``);
+# img2img noises the image's latents even at strength 1; InstructPix2Pix (no strength) always starts from noise.
+NOISE_AT_FULL_STRENGTH = ("inpaint",)
 FAMILY_SCHEDULER = {"sd": "pndm", "ip2p": "euler_ancestral", "inpaint": "ddim"}
 # Options of the shipped SD configs that a bare scheduler config (tiny / miniature models) may lack: SD's PNDM
 # skips the PRK warm-up. Applied when the model's config does not set them; explicit options win.
 FAMILY_SCHEDULER_OPTIONS = {"pndm": {"skip_prk_steps": True}}
 STREAMS = {"encode": 1, "latents": 2, "masked": 3, "steps": 4}
+
+
+def starts_from_noise(kind: str, strength: float | None) -> bool:
+    """Whether the ``kind`` editor's chain starts from pure noise at ``strength`` (None: the editor has none)."""
+    return strength is None or (kind in NOISE_AT_FULL_STRENGTH and strength >= 1.0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -59,7 +59,7 @@ def edit(surrogate, images, emb, uncond_emb, keys, config: E.Editor, mask=None, 
     masked = jnp.where(m > 0, 0.5, images)  # init_image * (mask < 0.5) in [-1, 1]
     masked_lat = E.encode(surrogate, masked, E.get_noise(noise, "masked", keys, shape) if sample else None)
     n = E.get_noise(noise, "latents", keys, shape)
-    if config.strength >= 1.0:  # is_strength_max: pure noise
+    if E.starts_from_noise("inpaint", config.strength):  # is_strength_max: pure noise
         z = schedulers.start_from_noise(plan, n)
     else:
         z0 = E.encode(surrogate, images, E.get_noise(noise, "encode", keys, shape) if sample else None)

@@ -147,5 +147,5 @@ def make_diffusion(sur: Surrogate, cfg: Objective):
         raise ValueError(f"pgd_eta must be >= 0, got {cfg.pgd_eta}")
     strength = attack_strength(sur.family, cfg.pgd_strength)
     plan = attack_plan(sur, max(1, cfg.denoise_steps), strength, cfg.pgd_eta)
-    from_noise = strength is None or (sur.family == "inpaint" and strength >= 1.0)
+    from_noise = editors.starts_from_noise(_EDITOR_KIND[sur.family], strength)
     return average_over_reps(_one_pass(sur, cfg, plan, from_noise), cfg.pgd_grad_reps, cfg.remat)
