@@ -59,11 +59,13 @@ def defenses_table(store, c: cs.StudyConfig) -> str:
 def page(store, c: cs.StudyConfig, command: str, wall: float | None) -> str:
     """The Markdown results block (between the page's results markers)."""
     att = c.attack
+    names = {"dreambooth": f"DreamBooth (UNet, lr {att.lr:g})", "lora": f"LoRA (rank 4, lr {c.lora_lr:g})"}
     head = (f"Command: `{command}`" + (f" ({wall:.0f} s wall this run)" if wall is not None else "") + ". "
             f"Up to {c.subjects} subjects x {c.views} views (world seed {c.subject_seed}), attacker seeds "
-            f"{', '.join(map(str, c.seeds))}; surrogate {c.surrogate}; defenses: {c.defense.epochs} epochs, surrogate "
+            f"{', '.join(map(str, c.seeds))} (each cell's n: the subjects it has so far); surrogate {c.surrogate}; "
+            f"defenses: {c.defense.epochs} epochs, surrogate "
             f"lr {c.defense.lr:g}, DSUR {c.defense.static_steps} steps, FSMG {c.defense.fsmg_steps} PGD steps on "
-            f"the DSUR surrogate; attackers: DreamBooth (UNet, lr {att.lr:g}) and LoRA (rank 4, lr {c.lora_lr:g}), "
+            f"the DSUR surrogate; attackers: {' and '.join(names[a] for a in c.attackers)}, "
             f"{att.steps} steps, batch {att.batch_size}; {att.samples} samples per subject ({att.sample_steps} "
             f"DDIM steps, guidance {att.guidance:g}); success: both subject colours >= {att.min_px} px and no "
             "other colour. n = subjects; intervals are 95 % bootstrap over subjects; p: exact sign-flip test on "
