@@ -1,5 +1,5 @@
 r"""Protect one identity's photos with DLADiff (layer 1 anti-fine-tuning, layer 2 anti-zero-shot) or the
-layer-1 baselines: Anti-DreamBooth's ASPL and FSMG, and DisDiff (built on ASPL).
+layer-1 baselines: Anti-DreamBooth's ASPL and FSMG, DisDiff (built on ASPL) and Anti-Diffusion.
 
     python -m experiments.dladiff --flagfile=experiments/flags/dladiff_both.flags
     python -m experiments.dladiff --flagfile=experiments/flags/dladiff_layer1.flags \
@@ -42,8 +42,9 @@ def define_flags():
     _define("string", "clean_images", "", "Extra clean photos of the identity (set_A); X_clean = these + inputs.")
     _define("string", "prompt", "a photo of sks person", "Instance prompt (DLADiff §3.2).")
     common.section(COMMAND, "method")
-    _define("enum", "method", "dladiff", ["dladiff", "aspl", "fsmg", "disdiff", "none"], "Layer 1 (none = layer 2 "
-            "alone; aspl / fsmg: Anti-DreamBooth; disdiff: DisDiff, on ASPL's loop).")
+    _define("enum", "method", "dladiff", ["dladiff", "aspl", "fsmg", "disdiff", "antidiffusion", "none"], "Layer 1 "
+            "(none = layer 2 alone; aspl / fsmg: Anti-DreamBooth; disdiff: DisDiff, on ASPL's loop; antidiffusion: "
+            "Anti-Diffusion, prompt tuning + semantic disturbance + UNet fine-tuning).")
     _define("bool", "layer2", False, "Add DLADiff's anti-zero-shot identity layer (after layer 1).")
     _define("integer", "seed", 0, "Base PRNG seed; keys are derived per image id and step.")
     common.section(COMMAND, "model")
@@ -79,7 +80,7 @@ def _define_layer1():
     common.section(COMMAND, "layer 1: budget and optimizer (ADFT)")
     _define("float", "eps_ft", 7.0 / 255.0, "Layer-1 L_inf budget in [0,1] units.")
     _define("float", "step_ft", 5e-3, "Layer-1 PGD step in [0,1] units.")
-    _define("integer", "epochs", 50, "ADFT epochs iter_opt (ASPL / DisDiff: outer epochs).")
+    _define("integer", "epochs", 50, "ADFT epochs iter_opt (ASPL / DisDiff / Anti-Diffusion: outer epochs).")
     _define("integer", "iter1", 3, "Stage 1 (attention) PGD steps per epoch.")
     _define("integer", "iter2", 3, "Stage 2 (L_cond) PGD steps per epoch.")
     _define("integer", "iter3", 3, "Stage 3 UNet_d training steps per epoch.")
@@ -96,7 +97,8 @@ def _define_layer1():
     _define("integer", "aspl_pgd_steps", 6, "ASPL / DisDiff: PGD steps per epoch.")
     _define("integer", "aspl_adv_steps", 3, "ASPL / DisDiff: training steps on the perturbed photos per epoch.")
     _define("integer", "fsmg_steps", 100, "FSMG: PGD steps against the fixed surrogate.")
-    _define("float", "baseline_lr", 5e-7, "ASPL / DisDiff / FSMG (adb) training learning rate (AdamW).")
+    _define("float", "baseline_lr", 5e-7, "ASPL / DisDiff / FSMG (adb) / Anti-Diffusion training learning rate "
+            "(AdamW).")
     _define("enum", "fsmg_surrogate", "dsur", ["adb", "dsur"], "FSMG's fixed surrogate: adb = Anti-DreamBooth's "
             "DreamBooth recipe on the clean photos (--fsmg_surrogate_steps, --baseline_* below), dsur = DLADiff's "
             "static surrogate (--static_*), the one DLADiff's own layer 1 attacks.")
@@ -110,9 +112,11 @@ def _define_layer1():
     _define("integer", "baseline_num_class_images", 200, "ASPL / DisDiff / FSMG (adb): class images for the prior "
             "term.")
     _define("integer", "baseline_class_steps", 50, "ASPL / DisDiff / FSMG (adb): DDIM steps per class image.")
-    _define("float", "baseline_step", 2.5e-3, "ASPL / DisDiff / FSMG PGD step in [0,1] units (Anti-DreamBooth and "
-            "DisDiff --pgd_alpha 5e-3 on [-1,1] pixels); their budget is --eps_ft.")
+    _define("float", "baseline_step", 2.5e-3, "ASPL / DisDiff / FSMG / Anti-Diffusion PGD step in [0,1] units "
+            "(Anti-DreamBooth and DisDiff --pgd_alpha 5e-3 on [-1,1] pixels; Anti-Diffusion 2e-3 there, 1e-3 here); "
+            "their budget is --eps_ft.")
     _define_disdiff()
+    _define_antidiffusion()
 
 
 def _define_disdiff():
@@ -133,6 +137,28 @@ def _define_disdiff():
             "remain.")
     _define("bool", "disdiff_shared_surrogate", True, "DisDiff: train one model on the clean then the perturbed "
             "photos, as DisDiff's code (false: attack a copy, as ASPL).")
+
+
+def _define_antidiffusion():
+    common.section(COMMAND, "layer 1: Anti-Diffusion (prompt tuning, semantic disturbance, UNet fine-tuning)")
+    _define("integer", "antidiffusion_pgd_steps", 10, "Anti-Diffusion: PGD steps per phase (the first phase, then "
+            "one per epoch; each within --antidiffusion_phase_eps of where it starts).")
+    _define("integer", "antidiffusion_tune_steps", 20, "Anti-Diffusion: UNet fine-tuning steps per epoch on the "
+            "perturbed photos and the tuned embedding (AdamW, --baseline_lr).")
+    _define("integer", "antidiffusion_pto_steps", 30, "Anti-Diffusion: prompt-tuning steps per call (before the "
+            "first phase, then after each epoch's phase but the last).")
+    _define("float", "antidiffusion_pto_lr", 1e-3, "Anti-Diffusion: prompt-tuning AdamW learning rate.")
+    _define("float", "antidiffusion_pto_wd", 1e-2, "Anti-Diffusion: prompt-tuning AdamW weight decay.")
+    _define("string", "antidiffusion_init_prompt", "", "Anti-Diffusion: the prompt whose text-encoder output "
+            "starts the prompt tuning (empty: the reference's).")
+    _define("float", "antidiffusion_sdl_weight", 1.0, "Anti-Diffusion: weight of the semantic disturbance term "
+            "(the clipped, scaled cross-attention maps driven to zero; 0 = L_cond alone).")
+    _define("float", "antidiffusion_sdl_scale", 100.0, "Anti-Diffusion: the cross-attention maps are multiplied "
+            "by this, then clipped to [0, 1].")
+    _define("integer", "antidiffusion_att_resolution", 16, "Anti-Diffusion: cross-attention maps of this side feed "
+            "the semantic disturbance term.")
+    _define("float", "antidiffusion_phase_eps", 0.005, "Anti-Diffusion: L_inf radius in [0,1] units of each PGD "
+            "phase around its starting point (0 = off); the total stays within --eps_ft.")
 
 
 def _define_layer2():
@@ -159,12 +185,15 @@ define_flags()
 
 def config_from_flags(F):
     """The flags as a ``DLADiffRunConfig`` (``ValueError``: a usage error); ``--weights_dir=tiny`` -> ``""``."""
-    from tdae_jax.defenses.dladiff import adft, baselines, disdiff, dsur, zeroshot
+    from tdae_jax.defenses.dladiff import adft, antidiffusion, baselines, disdiff, dsur, zeroshot
     from tdae_jax.runs import dladiff as run
 
     if F.surrogate != "sd" and F.method != "none":
         raise ValueError("DLADiff protects against Stable Diffusion fine-tuning: --surrogate must be sd, got "
                          f"{F.surrogate}")
+    if F.method == "antidiffusion" and (F.baseline_train_text_encoder or F.baseline_prior_weight > 0):
+        raise ValueError("--method=antidiffusion fine-tunes the UNet alone on its tuned embedding, without a prior "
+                         "term: --baseline_train_text_encoder and --baseline_prior_weight do not apply")
     return run.DLADiffRunConfig(
         images=common.resolve_package_path(F.images), workdir=F.workdir,
         clean_images=common.resolve_package_path(F.clean_images),
@@ -176,7 +205,7 @@ def config_from_flags(F):
                              w_cross=F.w_cross, w_self=F.w_self, update=F.update, latent_sample=F.latent_sample),
         att_resolution=F.att_resolution, att_layers=tuple(F.att_layers), att_kinds=tuple(F.att_kinds),
         baseline=baselines.BaselineConfig(
-            method=F.method if F.method in ("aspl", "fsmg", "disdiff") else "aspl", eps=F.eps_ft,
+            method=F.method if F.method in ("aspl", "fsmg", "disdiff", "antidiffusion") else "aspl", eps=F.eps_ft,
             step_size=F.baseline_step,
             epochs=F.epochs, clean_steps=F.aspl_clean_steps,
             pgd_steps=F.fsmg_steps if F.method == "fsmg" else F.aspl_pgd_steps, adv_steps=F.aspl_adv_steps,
@@ -191,6 +220,12 @@ def config_from_flags(F):
             search_steps=F.disdiff_search_steps, search_candidates=F.disdiff_search_candidates,
             search_window=F.disdiff_search_window, search_keep=F.disdiff_search_keep,
             shared_surrogate=F.disdiff_shared_surrogate),
+        antidiffusion=antidiffusion.AntiDiffusionConfig(
+            pgd_steps=F.antidiffusion_pgd_steps, tune_steps=F.antidiffusion_tune_steps,
+            pto_steps=F.antidiffusion_pto_steps, pto_lr=F.antidiffusion_pto_lr,
+            pto_weight_decay=F.antidiffusion_pto_wd, sdl_weight=F.antidiffusion_sdl_weight,
+            sdl_scale=F.antidiffusion_sdl_scale, resolution=F.antidiffusion_att_resolution,
+            phase_eps=F.antidiffusion_phase_eps, init_prompt=F.antidiffusion_init_prompt),
         zs=zeroshot.ZSConfig(eps=F.eps_zs, step_size=F.step_zs, max_steps=F.zs_max_steps, threshold=F.zs_threshold,
                              check_every=F.zs_check_every, jitter_linear=F.zs_jitter_linear,
                              jitter_translation=F.zs_jitter_translation, space=F.zs_space),

@@ -322,12 +322,18 @@ def _plan(cfg: RunConfig) -> Plan:
         raise UsageError(str(e)) from e
     if listing.warning():
         log.warning("%s", listing.warning())
-    # entries that must not be inputs (a link to one of the run's outputs) and prompt rows naming no listed input
-    # become failed rows of their own, named in the manifest, metrics and report (runs/inputs.py select)
+    # entries that must not be inputs (a link to one of the run's outputs) become failed rows of their own, named
+    # in the manifest, metrics and report (runs/inputs.py select); prompt rows naming an image that is not an input
+    # of this run (a prompts file that covers more images than this run, or a row naming ../../etc/passwd) are
+    # ignored, and said so in one warning line
     failures = [(f"{run_inputs.INPUT_ROW}{q.name}", f"{q}: {why}", q) for q, why in listing.rejected]
-    for key, problem in dio.unlisted_prompt_images(prompts, paths).items():
+    unlisted = dio.unlisted_prompt_images(prompts, paths)
+    for key in unlisted:
         prompts.pop(key)
-        failures.append((f"{run_inputs.PROMPT_ROW}{key}", problem, cfg.prompts))
+    if unlisted:
+        shown = "; ".join(list(unlisted.values())[:3]) + (" ..." if len(unlisted) > 3 else "")
+        log.warning("%s: %d prompt row(s) name an image that is not an input of this run, ignored: %s",
+                    cfg.prompts, len(unlisted), shown)
     try:
         eot_transforms = eot_lib.parse_transforms(cfg.eot)
         if cfg.eot_samples < 1:

@@ -1,4 +1,5 @@
-"""DLADiff layer 1 (DSUR + attention loss + ADFT) and the ASPL / FSMG / DisDiff baselines on the tiny SD surrogate.
+"""DLADiff layer 1 (DSUR + attention loss + ADFT) and the ASPL / FSMG / DisDiff / Anti-Diffusion baselines on the
+tiny SD surrogate.
 
 Shapes (2 images of 32 px, 2-device mesh) and the cached surrogate are those of test_finetune and
 test_experiment_dladiff, so the compiled train / stage steps are shared within one pytest process.
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tdae_jax.defenses.dladiff import adft, baselines, disdiff, dsur
+from tdae_jax.defenses.dladiff import adft, antidiffusion, baselines, disdiff, dsur
 from tdae_jax.editors import finetune as ft
 from tdae_jax.parallel import mesh as meshlib
 from tdae_jax.pipeline import _tiny, _tiny_variant
@@ -235,6 +236,62 @@ def test_disdiff_keeps_budget(sur, data):
     c = disdiff.curves(h, dcfg)
     np.testing.assert_allclose(c["loss"], c["disdiff/cond"] + 0.1 * c["disdiff/att"], rtol=1e-6)
     assert c["loss"].shape == (2, 3)
+
+
+def _np_disturbance(per_head, scale):
+    """Anti-Diffusion's SDL restated in numpy for one image from per-head maps ``[L,H,Q,T]``, as ``protect_epoch``
+    takes it: ``aggregate_attention`` stacks the (layer, head) maps and averages them, ``* 1e+2``, ``clamp(0, 1)``,
+    then the mean-reduced MSE to a zero map."""
+    stacked = per_head.reshape(-1, *per_head.shape[2:])  # [L*H, Q, T]
+    avg = stacked.sum(0) / stacked.shape[0]
+    return np.mean((np.clip(avg * scale, 0.0, 1.0) - 0.0) ** 2)
+
+
+def test_antidiffusion_semantic_disturbance_matches_numpy():
+    """SDL on hand-made maps (2 layers x 2 heads, 16 queries, 77 tokens, probabilities over the tokens; some
+    entries above 1/100, most below): the numpy restatement's value per image from the head-averaged maps the
+    surrogate captures (layers with equally many heads); self-attention maps are ignored; an entry clipped at 1
+    carries no gradient, one below it carries 2 scale^2 A / (Q T) / L."""
+    rng = np.random.default_rng(5)
+    per_head = rng.dirichlet(np.full(77, 0.2), size=(2, 2, 2, 16)).astype(np.float32)  # [L,B,H,Q,T]
+    maps = {"down_blocks_0/attn2": per_head[0].mean(1), "up_blocks_1/attn2": per_head[1].mean(1),
+            "down_blocks_0/attn1": np.ones((2, 16, 16), np.float32)}
+    got = np.asarray(antidiffusion.semantic_disturbance(maps, 100.0))
+    want = [_np_disturbance(per_head[:, i], 100.0) for i in range(2)]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    avg = (maps["down_blocks_0/attn2"] + maps["up_blocks_1/attn2"]) / 2
+    assert 0.05 < np.mean(avg >= 0.01) < 0.5 and 0 < got.min() and got.max() < 1  # both regimes present
+    g = np.asarray(jax.grad(lambda m: jnp.sum(antidiffusion.semantic_disturbance({**maps, "up_blocks_1/attn2": m},
+                                                                                  100.0)))(maps["up_blocks_1/attn2"]))
+    np.testing.assert_array_equal(g[avg > 0.0101], 0.0)
+    low = avg < 0.0099
+    np.testing.assert_allclose(g[low], (2 * 100.0 ** 2 * avg / (16 * 77) / 2)[low], rtol=1e-4)
+    with pytest.raises(ValueError, match="one shape"):
+        antidiffusion.semantic_disturbance({"a/attn2": np.ones((1, 4, 77)), "b/attn2": np.ones((1, 16, 77))})
+
+
+def test_antidiffusion_keeps_budget_and_phase_ball(sur, data):
+    """Two PGD phases of 2 steps of 1e-3 (no prompt tuning or fine-tuning steps: PTO's step is tested in
+    test_dladiff_direction, the fine-tuning is ASPL's and runs in the flagfile test) with a phase radius of 1.5e-3:
+    the first phase stops at 1.5e-3, the second, re-centred where the first ended, goes beyond it (at most 3e-3),
+    all within the budget and [0,1]; each step reports L_cond and SDL, the curve is L_cond - SDL."""
+    x, uid, _ = data
+    cfg = baselines.BaselineConfig(method="antidiffusion", epochs=1, step_size=1e-3)
+    acfg = antidiffusion.AntiDiffusionConfig(pgd_steps=2, tune_steps=0, pto_steps=0, phase_eps=1.5e-3)
+    linf = []
+    p, h = antidiffusion.protect(sur, x, uid, cfg, acfg, jax.random.key(4),
+                                 on_epoch=lambda ep, p, h: linf.append(float(np.abs(np.asarray(p.delta)).max())))
+    d = np.asarray(p.delta)
+    assert linf[0] == pytest.approx(1.5e-3, abs=1e-6) and 1.5e-3 + 1e-4 < linf[1] <= 3e-3 + 1e-6
+    assert np.abs(d).max() <= cfg.eps and (x + d).min() >= 0 and (x + d).max() <= 1
+    assert int(p.step) == 4 and [len(ph) for ph in h["antidiffusion/cond"]] == [2, 2]
+    assert h["antidiffusion/pto"] == [[]] and h["antidiffusion/train"] == [[]]  # 0 steps: nothing compiled
+    np.testing.assert_allclose(h["antidiffusion/emb"], np.asarray(ft.embed_ids(sur, sur.tokenize([""]))))
+    c = antidiffusion.curves(h, acfg)
+    assert c["loss"].shape == (2, 4) and np.isfinite(c["loss"]).all()
+    np.testing.assert_allclose(c["loss"], c["antidiffusion/cond"] - c["antidiffusion/sdl"], rtol=1e-6)
+    with pytest.raises(ValueError, match="UNet alone"):
+        antidiffusion.protect(sur, x, uid, baselines.BaselineConfig(train_text_encoder=True), acfg, jax.random.key(4))
 
 
 def test_memory_efficient_attention_is_the_same_function(sur, data, layers):

@@ -6,6 +6,9 @@
   ``+step_size * sign(grad)`` of a gradient taken here.
 - DisDiff's PGD (``riolys/DisDiff`` ``attacks/disdiff.py::pgd_attack``) ascends L_cond + lambda L_CAE with the
   MSS step ``step_size * w(t) * sign(grad)``: the same check, on the step's own values at one fixed draw.
+- Anti-Diffusion's PGD (``whulizheng/Anti-Diffusion`` ``Defense/antidiffusion.py::protect_epoch``) ascends
+  L_cond - SDL, i.e. descends J = SDL - L_cond: on one fixed draw a step lowers J for every image and the flipped
+  step raises it; its prompt tuning (``tunning_prompts``) is an AdamW step that lowers L_cond on its fixed draw.
 - Eq. 9's prior term (DLADiff) / DreamBooth's prior preservation (ASPL): the training loss is ``L_inst`` at
   ``prior_weight = 0`` (prior images ignored) and ``L_inst + lambda L_prior`` with prior images, both recomputed
   here from :func:`editors.finetune.diffusion_loss` with the keys written out.
@@ -21,7 +24,7 @@ import pytest
 
 from tdae_jax import prng
 from tdae_jax.defenses import pgd as pgd_lib
-from tdae_jax.defenses.dladiff import adft, baselines, disdiff, dsur
+from tdae_jax.defenses.dladiff import adft, antidiffusion, baselines, disdiff, dsur
 from tdae_jax.editors import finetune as ft
 from tdae_jax.parallel import mesh as meshlib
 from tdae_jax.pipeline import _tiny
@@ -163,6 +166,81 @@ def test_disdiff_step_raises_its_objective_and_flipped_step_lowers_it(sur, data)
     _, delta_cae, m0 = cae(np.zeros_like(x))
     att_up = cae(delta_cae)[2]["disdiff/att"]
     assert np.all(att_up > m0["disdiff/att"]), (m0["disdiff/att"], att_up)
+
+
+def _antidiffusion_probe(sur, unet, x, uid, emb, cfg, weight, key):
+    """An Anti-Diffusion step from ``delta`` at step 0's draw (keys ``image_keys(key, uid, 0)``, no phase ball):
+    returns ``delta -> (J = weight SDL - L_cond before the step [B], delta after it, metrics)``."""
+    acfg = antidiffusion.AntiDiffusionConfig()
+    scfg = antidiffusion.step_config(cfg, acfg, dsur.select_layers(sur, 32, 16, kinds=(dsur.CROSS,)))
+    mesh = ft.data_mesh(2)
+    batch = meshlib.shard_batch({"x0": jnp.asarray(x), "uid": jnp.asarray(uid), "emb": jnp.asarray(emb),
+                                 "anchor": jnp.zeros_like(jnp.asarray(x))}, mesh)
+    base, unet = meshlib.replicate(sur, mesh), meshlib.replicate(unet, mesh)
+
+    def probe(delta):
+        d = jnp.asarray(delta, jnp.float32)
+        p = adft._place_perturb(adft.PerturbState(d, adft.image_optimizer(cfg).init(d), jnp.zeros((), jnp.int32)),
+                                mesh)
+        p, m = antidiffusion.step_jit(p, base, unet, batch, key, weight, 0.0, scfg)
+        m = {k: np.asarray(v) for k, v in m.items()}
+        return m["antidiffusion/objective"], np.asarray(p.delta), m
+
+    return probe
+
+
+def test_antidiffusion_step_lowers_its_objective_and_flipped_step_raises_it(sur, data):
+    """One Anti-Diffusion step (the demo's 2e-3 on [-1,1] = 1e-3 here) against a fine-tuned UNet and a tuned
+    embedding (stand-ins): +-step on (almost) every pixel; J = SDL - L_cond falls for every image on that draw,
+    and rises under the flipped step; with lambda = 1e3 the SDL term alone falls (the clipped cross-attention maps
+    are driven towards zero). The traced lambda: one compiled step for both."""
+    x, uid, _ = data
+    unet = _jitter(sur.params["unet"], 7)
+    emb = np.repeat(_jitter(np.asarray(ft.embed_ids(sur, sur.tokenize([""]))), 8), 2, 0)
+    cfg = baselines.BaselineConfig(method="antidiffusion", step_size=1e-3)
+    key = adft.stream_key(jax.random.key(0), "test/antidiffusion")
+    probe = _antidiffusion_probe(sur, unet, x, uid, emb, cfg, 1.0, key)
+    j0, delta, m = probe(np.zeros_like(x))
+    np.testing.assert_allclose(j0, m["antidiffusion/sdl"] - m["antidiffusion/cond"], rtol=1e-6)
+    assert np.all((m["antidiffusion/sdl"] > 0) & (m["antidiffusion/sdl"] <= 1))
+    assert np.mean(np.abs(np.abs(delta) - cfg.step_size) < 1e-6) > 0.999
+    flipped = np.asarray(pgd_lib.project(jnp.asarray(-delta), jnp.asarray(x), cfg.eps))
+    np.testing.assert_allclose(flipped, -delta, atol=1e-6)  # nothing clipped: the opposite step
+    (j_down, _, m_down), (j_up, _, _) = probe(delta), probe(flipped)
+    np.testing.assert_array_equal(m_down["antidiffusion/t"], m["antidiffusion/t"])  # the same draw
+    assert np.all(j_down < j0), (j0, j_down)
+    assert np.all(j_up > j0), (j0, j_up)
+
+    sdl = _antidiffusion_probe(sur, unet, x, uid, emb, cfg, 1e3, key)
+    _, delta_sdl, s0 = sdl(np.zeros_like(x))
+    s1 = sdl(delta_sdl)[2]["antidiffusion/sdl"]
+    assert np.all(s1 < s0["antidiffusion/sdl"]), (s0["antidiffusion/sdl"], s1)
+
+
+def test_antidiffusion_prompt_tuning_step_lowers_its_loss(sur, data):
+    """PTO (``tunning_prompts``): one AdamW step on the shared embedding E [1,T,D] (lr 1e-3, torch's defaults:
+    the first step is ``-lr (g / (|g| + 1e-8) + wd E)``) lowers the batch-mean L_cond at the call's fixed latents and draw,
+    and the opposite move raises it."""
+    x, uid, _ = data
+    acfg = antidiffusion.AntiDiffusionConfig()
+    mesh = ft.data_mesh(2)
+    base, unet = meshlib.replicate(sur, mesh), meshlib.replicate(_jitter(sur.params["unet"], 7), mesh)
+    batch = meshlib.shard_batch({"x0": jnp.asarray(x), "uid": jnp.asarray(uid)}, mesh)
+    z0 = antidiffusion.latents_jit(base, batch["x0"], batch["uid"], jax.random.key(1), 0, True)
+    e0 = np.asarray(ft.embed_ids(sur, sur.tokenize([""])))
+    key = adft.stream_key(jax.random.key(0), "test/pto")
+
+    def probe(emb):  # (L_cond [B] at emb on step 0's draw, E after one step from emb)
+        s = meshlib.replicate(antidiffusion.init_prompt_state(emb, acfg), mesh)
+        s, m = antidiffusion.pto_jit(s, base, unet, {"z0": z0, "uid": batch["uid"]}, key)
+        return np.asarray(m["antidiffusion/pto"]), np.asarray(s.emb)
+
+    l0, e1 = probe(e0)
+    move = e1 - e0
+    adam = np.abs(move + acfg.pto_lr * acfg.pto_weight_decay * e0)  # lr |g| / (|g| + 1e-8): lr unless g ~ 1e-8
+    assert adam.max() <= acfg.pto_lr * 1.001 and np.mean(np.abs(adam - acfg.pto_lr) < 1e-5) > 0.95
+    l_down, l_up = probe(e1)[0], probe(e0 - move)[0]
+    assert l_down.mean() < l0.mean() < l_up.mean(), (l0, l_down, l_up)
 
 
 # ------------------------------------------------------------------------------------------------ prior term

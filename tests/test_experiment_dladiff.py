@@ -1,4 +1,4 @@
-"""python -m experiments.dladiff end to end on the tiny surrogate: the six flagfiles with short step counts,
+"""python -m experiments.dladiff end to end on the tiny surrogate: the seven flagfiles with short step counts,
 the workdir contract, budgets on disk, exit codes 0 / 1 / 2 and resume.
 
 Inputs are the shipped astronaut and cat (256 px): layer 1 works at 32 px on the tiny surrogate (2 images,
@@ -16,6 +16,7 @@ from PIL import Image
 
 from experiments import dladiff as cli
 from tdae_jax.data import io as dio
+from tdae_jax.data.manifest import read_meta
 
 FLAGS_DIR = Path(__file__).resolve().parents[1] / "experiments" / "flags"
 ASTRONAUT_DLIB = [[127.0, 52.0], [119.0, 52.0], [97.0, 50.0], [106.0, 51.0], [112.0, 67.0]]
@@ -23,7 +24,7 @@ SHORT = ["--static_steps=1", "--static_batch=2", "--epochs=1", "--iter1=1", "--i
          "--aspl_clean_steps=1", "--aspl_pgd_steps=1", "--aspl_adv_steps=1", "--fsmg_steps=1", "--fsmg_surrogate_steps=1", "--ckpt_every=0",
          "--encoders=iresnet_tiny", "--detector=none", "--zs_max_steps=12", "--step_zs=0.004", "--zs_threshold=0",
          "--zs_check_every=6", "--baseline_num_class_images=2", "--baseline_class_steps=2",
-         "--disdiff_search_steps=1",
+         "--disdiff_search_steps=1", "--antidiffusion_pto_steps=1", "--antidiffusion_tune_steps=1",
          "--weights_dir=tiny"]  # the built-in tiny SD model (the flagfiles need real weights)
 
 
@@ -50,6 +51,11 @@ def rows(work):
 
 def jsonl(work):
     return {r["id"]: r for r in map(json.loads, (work / "metrics.jsonl").read_text().splitlines())}
+
+
+def recorded_settings(work):
+    """The settings the workdir's manifest records (what a resume must match)."""
+    return read_meta(work / "manifest.json")
 
 
 def _linf(work, d, name):
@@ -109,19 +115,32 @@ def test_both_layers_and_missing_face_fails(inputs, tmp_path, capsys):
     assert not (work / "protected" / "chelsea.png").exists()
 
 
-@pytest.mark.parametrize("flagfile", ["dladiff_aspl.flags", "dladiff_fsmg.flags", "dladiff_disdiff.flags"])
+@pytest.mark.parametrize("flagfile", ["dladiff_aspl.flags", "dladiff_fsmg.flags", "dladiff_disdiff.flags",
+                                      "dladiff_antidiffusion.flags"])
 def test_baseline_flagfiles(inputs, tmp_path, flagfile):
     work = tmp_path / flagfile.split(".")[0]
-    # DisDiff's MSS scales a step by (1 + cos(pi t / 999)) / 2: one step of 2.5e-3 moves less than half a grey level
-    extra = ["--aspl_pgd_steps=3"] if "disdiff" in flagfile else []
-    assert run(flagfile, inputs, work, *extra) == 0
+    # DisDiff's MSS scales a step by (1 + cos(pi t / 999)) / 2: one step of 2.5e-3 moves less than half a grey level;
+    # Anti-Diffusion's step is 1e-3 (2 phases of 2 steps: at most 4e-3, one grey level)
+    extra = {"disdiff": ["--aspl_pgd_steps=3"], "antidiffusion": ["--antidiffusion_pgd_steps=2"]}
+    method = flagfile.split("_")[1].split(".")[0]
+    assert run(flagfile, inputs, work, *extra.get(method, [])) == 0
     r = rows(work)
     for name in ("astronaut", "chelsea"):
         assert r[name]["status"] == "done" and 0 < int(r[name]["linf_255"]) <= 7
     cfg = json.loads((work / "config.json").read_text())
-    assert cfg["method"] == flagfile.split("_")[1].split(".")[0]
+    assert cfg["method"] == method and cfg["baseline"]["eps"] == pytest.approx(7 / 255)
+    if method == "antidiffusion":  # anti-diffusion_demo.sh: --pgd_alpha=2e-3, --pgd_eps=1e-2 on [-1,1] per phase
+        ad = cfg["antidiffusion"]
+        assert cfg["baseline"]["step_size"] == 0.001 and ad["phase_eps"] == 0.005 and ad["sdl_weight"] == 1.0
+        assert (ad["pgd_steps"], ad["tune_steps"], ad["pto_steps"]) == (2, 1, 1) and ad["init_prompt"] == ""
+        assert not cfg["baseline"]["train_text_encoder"] and cfg["baseline"]["prior_weight"] == 0.0  # UNet alone
+        curve = json.loads((work / "curves" / "astronaut.json").read_text())  # L_cond - SDL and its terms
+        assert {"loss", "antidiffusion/cond", "antidiffusion/sdl"} <= set(curve) and len(curve["loss"]) == 4
+        assert "disdiff" not in recorded_settings(work)
+        return
+    assert "antidiffusion" not in recorded_settings(work)  # old workdirs resume
     # ADB's --pgd_alpha=5e-3 on [-1,1] pixels, under DLADiff's budget (the flagfiles' provenance)
-    assert cfg["baseline"]["step_size"] == 0.0025 and cfg["baseline"]["eps"] == pytest.approx(7 / 255)
+    assert cfg["baseline"]["step_size"] == 0.0025
     # ADB's recipes: text encoder and prior preservation (FSMG: in the DreamBooth'd surrogate)
     assert cfg["baseline"]["train_text_encoder"] and cfg["baseline"]["prior_weight"] == 1.0
     if "fsmg" in flagfile:
@@ -138,5 +157,8 @@ def test_usage_errors(inputs, tmp_path, capsys):
     assert run("dladiff_layer1.flags", inputs, tmp_path / "x", f"--images={tmp_path / 'nope'}") == 2
     assert run("dladiff_layer1.flags", inputs, tmp_path / "y", "--method=none") == 2
     assert "nothing to do" in capsys.readouterr().err
+    # Anti-Diffusion fine-tunes the UNet alone: asking it for the prior term is refused before anything is written
+    assert run("dladiff_antidiffusion.flags", inputs, tmp_path / "z", "--baseline_prior_weight=1.0") == 2
+    assert "UNet alone" in capsys.readouterr().err and not (tmp_path / "z").exists()
     assert run("dladiff_layer1.flags", inputs, inputs[0] / "out") == 2  # workdir inside the input folder
     assert not (inputs[0] / "out").exists()

@@ -6,6 +6,7 @@ with one input fails or skips that input, by name, and the others are protected;
 with one ``error:`` line, before the workdir exists; the originals stay byte-identical.
 """
 import hashlib
+import logging
 import os
 import pickle
 import shutil
@@ -67,11 +68,27 @@ def shared(tmp_path_factory):
     originals = [d / "good.png", d / f"{ODD}.png", d / "anim.gif", prompts]
     before = _digest(originals)
     argv = [f"--images={x}/**/*", f"--workdir={work}", f"--prompts={prompts}"]
-    runs = []
-    for _ in range(2):
-        code = run(argv)
-        runs.append(code)
-    return {"x": x, "d": d, "work": work, "codes": runs, "before": before, "originals": originals}
+    runs, warnings = [], _Warnings()
+    logging.getLogger("tdae_jax").addHandler(warnings)
+    try:
+        for _ in range(2):
+            code = run(argv)
+            runs.append(code)
+    finally:
+        logging.getLogger("tdae_jax").removeHandler(warnings)
+    return {"x": x, "d": d, "work": work, "codes": runs, "before": before, "originals": originals,
+            "warnings": warnings.lines}
+
+
+class _Warnings(logging.Handler):
+    """The warning lines of the module's runs (caplog is function-scoped; the runs are shared)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
 
 
 @pytest.fixture
@@ -83,7 +100,7 @@ def test_non_utf8_file_name_is_protected(shared):
     """Such a name used to stop the whole run (``prng.image_uid`` encoded the id as strict UTF-8)."""
     out = shared["work"] / "protected"
     assert (out / f"{ODD}.png").is_file() and (out / "good.png").is_file()
-    assert shared["codes"][0] == 1  # exit 1: the link and the bad prompt row failed, every image was protected
+    assert shared["codes"][0] == 1  # exit 1: the link into the outputs failed, every image was protected
     assert _digest(shared["originals"]) == shared["before"]
 
 
@@ -121,13 +138,17 @@ def test_skipped_entries_are_counted_in_one_warning(shared):
     assert log is None or "skipped" in log
 
 
-def test_prompt_row_outside_the_inputs_is_a_failed_row(shared):
+def test_prompt_row_outside_the_inputs_is_ignored_with_a_warning(shared):
+    """A row naming an image that is not an input (../../etc/passwd here; in practice a prompts file covering
+    more images than the run) prompts nothing, is never read, and is named in one warning line: it is not a
+    failed input of the run."""
     prompts, problems = load_prompts(shared["x"] / "prompts.csv", image_paths=[shared["d"] / "good.png"])
     assert not problems and set(prompts) == {"good.png", "passwd"}  # load_prompts alone accepts the row
     bad = dio.unlisted_prompt_images(prompts, [shared["d"] / "good.png"])
     assert list(bad) == ["passwd"] and "/etc/passwd" in bad["passwd"] and "outside the input folder" in bad["passwd"]
-    metrics = (shared["work"] / "metrics.csv").read_text()
-    assert "passwd" in metrics and "not one of the run's inputs" in metrics
+    assert "passwd" not in (shared["work"] / "metrics.csv").read_text()
+    assert any("1 prompt row(s) name an image that is not an input of this run, ignored" in w and "passwd" in w
+               for w in shared["warnings"])
 
 
 def test_outputs_follow_the_umask(shared, tmp_path):

@@ -1,5 +1,5 @@
-"""Protect one identity's photos with DLADiff (or the ASPL / FSMG / DisDiff baselines): the library side of
-``python -m experiments.dladiff``, on the run engine of ``tdae_jax/runs/`` (the workdir contract of
+"""Protect one identity's photos with DLADiff (or the ASPL / FSMG / DisDiff / Anti-Diffusion baselines): the library
+side of ``python -m experiments.dladiff``, on the run engine of ``tdae_jax/runs/`` (the workdir contract of
 ``pipeline.run``: preflight, lock, manifest with the run's settings, atomic budget-exact outputs, metrics, report;
 ``UsageError`` -> exit 2 before anything is written, failed inputs -> 1, ``RunError`` -> 1 and re-run to resume).
 
@@ -22,7 +22,7 @@ import numpy as np
 
 from tdae_jax import prng
 from tdae_jax.data import io as dio
-from tdae_jax.defenses.dladiff import adft, baselines, disdiff, dsur, zeroshot
+from tdae_jax.defenses.dladiff import adft, antidiffusion, baselines, disdiff, dsur, zeroshot
 from tdae_jax.editors import finetune as ft
 from tdae_jax.metrics import report
 from tdae_jax.runs import dladiff_layers as layers
@@ -34,7 +34,7 @@ from tdae_jax.runs.workdir import Workdir
 
 log = logging.getLogger("tdae_jax")
 TINY_SIZE = 32  # layer-1 working size with the built-in tiny surrogate (its 16x16 maps = att_resolution 16)
-METHODS = ("dladiff", "aspl", "fsmg", "disdiff", "none")
+METHODS = ("dladiff", "aspl", "fsmg", "disdiff", "antidiffusion", "none")
 COLUMNS = ("id", "source", "status", "linf_255", "linf_outside_255", "psnr", "ssim", "final_loss", "zs_steps",
            "zs_cos_after", "ism_pro", "ism_pro_heldout", "face_detected", "seconds", "error")
 # fields that do not change the protected images (left out of the settings the manifest records)
@@ -49,7 +49,7 @@ class DLADiffRunConfig:
     clean_images: str = ""  # extra clean photos of the identity (set_A); X_clean = these + the inputs
     weights_dir: str = ""
     surrogate: str = "sd"
-    method: str = "dladiff"  # layer 1: dladiff | aspl | fsmg | disdiff | none
+    method: str = "dladiff"  # layer 1: dladiff | aspl | fsmg | disdiff | antidiffusion | none
     layer2: bool = False
     prompt: str = "a photo of sks person"
     static: ft.FinetuneConfig = dsur.static_config()
@@ -59,6 +59,7 @@ class DLADiffRunConfig:
     att_kinds: tuple = ("attn1", "attn2")
     baseline: baselines.BaselineConfig = baselines.BaselineConfig()
     disdiff: disdiff.DisDiffConfig = disdiff.DisDiffConfig()  # with baseline's ASPL loop, budget and trainings
+    antidiffusion: antidiffusion.AntiDiffusionConfig = antidiffusion.AntiDiffusionConfig()  # with baseline's budget
     zs: zeroshot.ZSConfig = zeroshot.ZSConfig()
     encoders: tuple = ("dlib",)
     encoder_params: tuple = ()  # "name=path.msgpack" (Flax params) for the IResNet encoders
@@ -79,15 +80,16 @@ class DLADiffRunConfig:
     @property
     def eps_total(self) -> float:
         e1 = {"dladiff": self.adft.eps, "aspl": self.baseline.eps, "fsmg": self.baseline.eps,
-              "disdiff": self.baseline.eps}.get(self.method, 0.0)
+              "disdiff": self.baseline.eps, "antidiffusion": self.baseline.eps}.get(self.method, 0.0)
         return e1 + (self.zs.eps if self.layer2 else 0.0)
 
 
 def settings(cfg: DLADiffRunConfig) -> dict:
     """What determines the protected images (the manifest records it; another value on resume is refused)."""
     out = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_ONLY}
-    if cfg.method != "disdiff":  # workdirs made before DisDiff existed record no such key: they still resume
-        out.pop("disdiff")
+    for method in ("disdiff", "antidiffusion"):  # workdirs made before these existed record no such key: they
+        if cfg.method != method:  # still resume
+            out.pop(method)
     out["weights_dir"] = str(Path(cfg.weights_dir).expanduser().resolve()) if cfg.weights_dir else ""
     return json.loads(json.dumps(out, default=str))
 

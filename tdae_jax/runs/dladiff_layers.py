@@ -1,7 +1,7 @@
 """DLADiff's two layers on one identity, as the runner calls them (the pure steps live in ``defenses/dladiff``).
 
-- Layer 1 (DLADiff §4.1-4.2, Alg. 1; or the baselines ASPL / FSMG (Anti-DreamBooth) and DisDiff): the identity's
-  photos as one batch against one static (DSUR) / dynamic (ADFT) surrogate pair: :func:`layer1`.
+- Layer 1 (DLADiff §4.1-4.2, Alg. 1; or the baselines ASPL / FSMG (Anti-DreamBooth), DisDiff and Anti-Diffusion):
+  the identity's photos as one batch against one static (DSUR) / dynamic (ADFT) surrogate pair: :func:`layer1`.
 - Layer 2 (DLADiff §4.3): PGD on the face crop against identity encoders, per image at its own resolution, on top
   of layer 1: :func:`layer2`.
 - ISM_pro (DLADiff §5.1): identity similarity of the written image to the clean photo: :func:`ism_pro`.
@@ -19,7 +19,7 @@ import numpy as np
 
 from tdae_jax import checkpoint, prng
 from tdae_jax.data import io as dio
-from tdae_jax.defenses.dladiff import adft, baselines, disdiff, dsur, zeroshot
+from tdae_jax.defenses.dladiff import adft, antidiffusion, baselines, disdiff, dsur, zeroshot
 from tdae_jax.editors import finetune as ft
 from tdae_jax.metrics import identity as idm
 from tdae_jax.parallel import mesh as meshlib
@@ -100,6 +100,10 @@ def layer1(cfg, sur, x, uids, x_clean, uid_clean, ckpt_dir: Path, progress):
     b = x.shape[0]
     mesh = meshlib.make_mesh(cfg.num_devices) if cfg.num_devices else None
     base = jax.random.fold_in(prng.base_key(cfg.seed), 1)
+    if cfg.method == "antidiffusion":  # tunes its own embedding on the inputs alone (no set_A, no instance prompt)
+        p, h = antidiffusion.protect(sur, x, uids, cfg.baseline, cfg.antidiffusion, base, mesh=mesh,
+                                     on_epoch=_antidiffusion_log(cfg, progress))
+        return np.asarray(p.delta), antidiffusion.curves(h, cfg.antidiffusion)
     emb1 = np.asarray(ft.embed_ids(sur, sur.tokenize([cfg.prompt])))
     emb, emb_c = np.repeat(emb1, b, 0), np.repeat(emb1, x_clean.shape[0], 0)
     if cfg.method == "aspl":
@@ -133,6 +137,18 @@ def _disdiff_log(cfg, progress):
         mean = lambda name: float(np.mean(h[name][-1])) if h[name][-1] else 0.0  # noqa: E731
         progress(f"DisDiff epoch {ep}/{cfg.baseline.epochs}: L_cond={mean('disdiff/cond'):.4g} "
                  f"L_CAE={mean('disdiff/att'):.4g} {time.perf_counter() - t0:.0f}s")
+    return on_epoch
+
+
+def _antidiffusion_log(cfg, progress):
+    """Anti-Diffusion's ``on_epoch``: one progress line per PGD phase (its losses, the last PTO loss)."""
+    t0 = time.perf_counter()
+
+    def on_epoch(ep, p, h):
+        mean = lambda name: float(np.mean(h[name][-1])) if h[name] and len(h[name][-1]) else 0.0  # noqa: E731
+        progress(f"Anti-Diffusion epoch {ep}/{cfg.baseline.epochs}: L_cond={mean('antidiffusion/cond'):.4g} "
+                 f"SDL={mean('antidiffusion/sdl'):.4g} PTO={mean('antidiffusion/pto'):.4g} "
+                 f"{time.perf_counter() - t0:.0f}s")
     return on_epoch
 
 

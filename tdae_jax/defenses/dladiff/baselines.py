@@ -68,7 +68,7 @@ INSTANCE_PROMPT = "a photo of sks person"  # ADB --instance_prompt; DLADiff §3.
 class BaselineConfig:
     """ASPL / FSMG settings; ADB's value (script ``attack_with_aspl.sh``) in each comment, [0,1] pixel units."""
 
-    method: str = "aspl"  # aspl | fsmg | disdiff (ASPL's loop, dladiff/disdiff.py)
+    method: str = "aspl"  # aspl | fsmg | disdiff (ASPL's loop, dladiff/disdiff.py) | antidiffusion (its own loop)
     eps: float = 7.0 / 255.0  # DLADiff's budget (ADB --pgd_eps 5e-2 in [-1,1] = 0.025)
     step_size: float = 2.5e-3  # ADB --pgd_alpha 5e-3 in [-1,1]
     epochs: int = 50  # --max_train_steps
@@ -91,8 +91,8 @@ class BaselineConfig:
     fsmg_surrogate_batch: int = 2  # attack_with_fsmg.sh --train_batch_size
 
     def __post_init__(self):
-        if self.method not in ("aspl", "fsmg", "disdiff"):
-            raise ValueError(f"method must be 'aspl', 'fsmg' or 'disdiff', got {self.method!r}")
+        if self.method not in ("aspl", "fsmg", "disdiff", "antidiffusion"):
+            raise ValueError(f"method must be 'aspl', 'fsmg', 'disdiff' or 'antidiffusion', got {self.method!r}")
         if self.update not in ("sign", "raw"):
             raise ValueError(f"update must be 'sign' or 'raw', got {self.update!r}")
         if self.fsmg_surrogate not in ("adb", "dsur"):

@@ -163,14 +163,20 @@ def token_masks(surrogate, prompt: str, token: str) -> tuple[np.ndarray, np.ndar
     return target, content
 
 
-def erasure_loss(maps: dict, target, content, temperature: float = 100.0) -> jax.Array:
-    """L_CAE per image ``[B]`` (module docstring; ``_compute_energy_loss``) from head-averaged cross-attention
-    maps ``{path: [B,Q,T]}`` (paths ending in ``attn2``; all of one resolution), ``target`` / ``content``
-    ``[B,T]`` token masks."""
+def cross_map_mean(maps: dict) -> jax.Array:
+    """``[B,Q,T]``: the mean over layers of the head-averaged cross-attention maps ``{path: [B,Q,T]}`` (paths
+    ending in ``attn2``, all of one resolution; other paths ignored): ``aggregate_attention``'s average (shared
+    with Anti-Diffusion's semantic disturbance term, ``dladiff/antidiffusion.py``)."""
     cross = [maps[k].astype(jnp.float32) for k in sorted(maps) if k.endswith(dsur.CROSS)]
     if not cross or len({m.shape for m in cross}) != 1:
-        raise ValueError(f"DisDiff needs cross-attention maps of one shape, got {[(k, maps[k].shape) for k in maps]}")
-    avg = sum(cross) / len(cross)  # [B,Q,T]
+        raise ValueError(f"need cross-attention maps of one shape, got {[(k, maps[k].shape) for k in maps]}")
+    return sum(cross) / len(cross)
+
+
+def erasure_loss(maps: dict, target, content, temperature: float = 100.0) -> jax.Array:
+    """L_CAE per image ``[B]`` (module docstring; ``_compute_energy_loss``) from head-averaged cross-attention
+    maps ``{path: [B,Q,T]}`` (:func:`cross_map_mean`), ``target`` / ``content`` ``[B,T]`` token masks."""
+    avg = cross_map_mean(maps)  # [B,Q,T]
     keep = jnp.asarray(content)[:, None, :] > 0
     prob = jax.nn.softmax(jnp.where(keep, temperature * avg, -jnp.inf), axis=-1) * keep
     energy = jnp.square(prob)
