@@ -48,6 +48,7 @@ flags.DEFINE_integer("latent_channels", 4, "Latent channels.")
 flags.DEFINE_float("l1_weight", 1.0, "L1 reconstruction weight.")
 flags.DEFINE_float("l2_weight", 1.0, "L2 reconstruction weight.")
 flags.DEFINE_float("object_weight", 0.0, "Extra reconstruction weight on coloured (object) pixels.")
+flags.DEFINE_float("edge_weight", 0.0, "Weight of the L1 loss on the images' finite differences (sharp outlines).")
 flags.DEFINE_float("kl_weight", 1e-4, "KL weight (per latent element).")
 # diffusion
 flags.DEFINE_string("vae_dir", "", "Trained autoencoder directory (ip2p / sd).")
@@ -101,7 +102,8 @@ def main(argv):
         cfg = T.VAEConfig(block_out_channels=tuple(int(c) for c in FLAGS.vae_channels),
                           layers_per_block=FLAGS.vae_layers, latent_channels=FLAGS.latent_channels,
                           norm_num_groups=FLAGS.vae_groups, l1_weight=FLAGS.l1_weight, l2_weight=FLAGS.l2_weight,
-                          kl_weight=FLAGS.kl_weight, object_weight=FLAGS.object_weight, size=FLAGS.size)
+                          kl_weight=FLAGS.kl_weight, object_weight=FLAGS.object_weight,
+                          edge_weight=FLAGS.edge_weight, size=FLAGS.size)
         report = recipes.run_vae(cfg, opt, data, **common)
     else:
         if not FLAGS.vae_dir:

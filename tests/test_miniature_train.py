@@ -89,3 +89,14 @@ def test_sampler_and_save_load_roundtrip(tmp_path, tok):
     assert out.shape == (2, 16, 16, 3) and out.dtype == np.uint8
     assert sample.timesteps(10).tolist() == [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
     assert jnp.asarray(sample.timesteps(10, strength=0.5)).tolist() == [401, 301, 201, 101, 1]
+
+
+def test_edge_loss_sees_outlines_not_offsets():
+    """The gradient-difference term is 0 for the image itself and for a constant offset of it, and positive
+    for a blurred copy (a square decoded as a blob)."""
+    x = np.zeros((1, 16, 16, 3), np.float32)
+    x[:, 4:12, 4:12] = [0.9, 0.1, 0.1]  # a red square
+    blur = (x + np.roll(x, 1, 1) + np.roll(x, -1, 1) + np.roll(x, 1, 2) + np.roll(x, -1, 2)) / 5
+    assert float(T.edge_l1(jnp.asarray(x), jnp.asarray(x))) == 0.0
+    assert float(T.edge_l1(jnp.asarray(x + 0.05), jnp.asarray(x))) < 1e-7
+    assert float(T.edge_l1(jnp.asarray(blur), jnp.asarray(x))) > 0.01
