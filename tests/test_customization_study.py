@@ -41,3 +41,30 @@ def test_command_resumes_and_refuses_other_settings(tmp_path, capsys):
     assert cli.run_cli([*args, "--attack_steps=3"]) == 2  # other settings: refused before anything is written
     assert "other settings" in capsys.readouterr().err
     assert cli.run_cli([*args, "--defenses=mist"]) == 2
+
+
+def test_units_pair_subjects_and_shared_seeds_and_the_page_says_only_what_the_test_supports(tmp_path):
+    """``units``: per subject, the mean over the attacker seeds *both* cells have; the page calls a difference
+    "lower" only when the sign-flip test supports it (6 subjects all lower: p = 2/64), else n.m.e."""
+    from tdae_jax.miniature import customization_report as report
+    from tdae_jax.miniature import customization_study as cs
+
+    c = cs.StudyConfig(victims=("sd_a",), methods=("noise", "dladiff"), eps=(8.0,), attackers=("dreambooth",),
+                       seeds=(0, 1), subjects=6)
+    store = cs.Store(tmp_path / "s", c)
+    clean, noise, prot = (cs.cell_id(m, e, "sd_a", "dreambooth") for m, e in (("none", 0.0), ("noise", 8.0),
+                                                                             ("dladiff", 8.0)))
+    for sid in range(6):
+        for seed in (0, 1):
+            store.add_rate(clean, seed, sid, 0.5 + 0.05 * sid + 0.1 * seed)
+            store.add_rate(noise, seed, sid, 0.5 + 0.05 * sid + 0.1 * seed + (0.01 if sid % 2 else -0.01))
+        store.add_rate(prot, 0, sid, 0.1)  # seed 0 only: the comparison uses seed 0 of the clean cell
+    a, b, sids = cs.units(store, clean, prot)
+    np.testing.assert_allclose(a, 0.5 + 0.05 * np.arange(6))
+    np.testing.assert_allclose(b, 0.1)
+    assert sids == [str(s) for s in range(6)]
+    table = report.rates_table(store, c, "dreambooth")
+    row = next(line for line in table.splitlines() if "| dladiff | 8 |" in line)
+    assert "(lower)" in row and "p=0.031" in row and "(n=6)" in row
+    noise_row = next(line for line in table.splitlines() if "| noise | 8 |" in line)
+    assert "(n.m.e.)" in noise_row
