@@ -52,8 +52,8 @@ from tdae_jax.data import io as dio
 from tdae_jax.data.manifest import settings_diff
 from tdae_jax.editors import finetune as ft
 from tdae_jax.runs import lock
-from tdae_jax.runs.errors import RunError, UsageError, write_failure
-from tdae_jax.runs.workdir import git_revision
+from tdae_jax.runs.errors import RunError, UsageError
+from tdae_jax.runs.workdir import Writes, git_revision
 
 log = logging.getLogger("tdae_jax")
 ATTACKERS = ("dreambooth", "lora")
@@ -274,7 +274,7 @@ def score_inputs(s: ImageSet, reference: np.ndarray, brisque: bool) -> list[dict
 
 
 # ------------------------------------------------------------------------------------------------ outdir
-class Outdir:
+class Outdir(Writes):
     """The outdir's files: settings check, lock, atomic JSON and PNG writes (``OSError`` -> ``RunError``)."""
 
     def __init__(self, root: Path):
@@ -335,19 +335,6 @@ class Outdir:
             for f in OUTPUT_FILES:
                 with contextlib.suppress(FileNotFoundError):
                     (self.root / f).unlink()
-
-    @contextlib.contextmanager
-    def writing(self, what: str):
-        try:
-            yield
-        except OSError as e:
-            raise write_failure(self.root, what, e) from e
-
-    def write_bytes(self, rel: str, data: bytes) -> Path:
-        with self.writing(rel):
-            (self.root / rel).parent.mkdir(parents=True, exist_ok=True)
-            dio.atomic_write_bytes(self.root / rel, data)
-        return self.root / rel
 
     def write_json(self, rel: str, obj) -> Path:
         return self.write_bytes(rel, json.dumps(obj, indent=1, default=_jsonable).encode())

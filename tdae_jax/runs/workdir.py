@@ -43,7 +43,29 @@ def git_revision() -> str:
         return "unknown"
 
 
-class Workdir:
+class Writes:
+    """Writes under ``self.root`` whose ``OSError`` becomes a one-line :class:`RunError` (every output folder)."""
+
+    root: Path
+
+    @contextlib.contextmanager
+    def writing(self, what: str):
+        """``with wd.writing("protected/a.png"):`` an ``OSError`` inside becomes a one-line :class:`RunError`."""
+        try:
+            yield
+        except OSError as e:
+            raise write_failure(self.root, what, e) from e
+
+    def write_bytes(self, relpath: str, data: bytes) -> Path:
+        """Atomic write of a workdir file (folders created); ``OSError`` -> ``RunError``."""
+        path = self.root / relpath
+        with self.writing(relpath):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            dio.atomic_write_bytes(path, data)
+        return path
+
+
+class Workdir(Writes):
     """Paths and lifecycle of one process's view of a workdir."""
 
     def __init__(self, path, proc: multihost.ProcessInfo | None = None):
@@ -109,18 +131,3 @@ class Workdir:
             shutil.rmtree(self.root / d, ignore_errors=True)
         multihost.barrier("tdae_jax/runs/overwrite", self.proc)  # no process writes before every one has cleared
 
-    @contextlib.contextmanager
-    def writing(self, what: str):
-        """``with wd.writing("protected/a.png"):`` an ``OSError`` inside becomes a one-line :class:`RunError`."""
-        try:
-            yield
-        except OSError as e:
-            raise write_failure(self.root, what, e) from e
-
-    def write_bytes(self, relpath: str, data: bytes) -> Path:
-        """Atomic write of a workdir file (folders created); ``OSError`` -> ``RunError``."""
-        path = self.root / relpath
-        with self.writing(relpath):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            dio.atomic_write_bytes(path, data)
-        return path
