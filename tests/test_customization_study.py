@@ -1,7 +1,9 @@
 """The customization study's command end to end on the shipped miniature models with short settings (resume,
 settings check, page, budgets on the 8-bit grid); its statistics are test_stats's.
 
-Subjects come from world seed 4242 (the study's tables use 3000)."""
+Subjects come from world seed 4242 (the study's tables use 3000). Four views per subject: the static surrogate
+(DreamBooth on the views) then trains on a batch of the attacker's size (4), so both fine-tunings run one compiled
+step."""
 import json
 
 import numpy as np
@@ -12,7 +14,7 @@ from tdae_jax.miniature import customization as cz
 
 
 FAST = ["--cz_surrogate=sd_a", "--attacked_models=sd_a", "--defenses=noise,fsmg", "--cz_budgets=16",
-        "--attackers=dreambooth", "--attacker_seeds=0", "--subjects=2", "--views=2", "--subject_seed=4242",
+        "--attackers=dreambooth", "--attacker_seeds=0", "--subjects=2", "--views=4", "--subject_seed=4242",
         "--defense_static_steps=1", "--defense_fsmg_steps=1", "--attack_steps=2", "--attack_samples=2",
         "--attack_sample_steps=2"]
 
@@ -26,7 +28,7 @@ def test_command_resumes_and_refuses_other_settings(tmp_path, capsys):
     assert len(rates) == 3  # none, noise@16, fsmg@16 on sd_a with DreamBooth
     for r in rates.values():
         assert set(r) == {"0"} and len(r["0"]) == 2 and all(0 <= v <= 1 for v in r["0"].values())
-    subj = cz.eligible_subjects(4242, 2, 2, 12)
+    subj = cz.eligible_subjects(4242, 2, 4, 12)
     for sid, clean in zip(subj["index"], subj["images"]):
         for m in ("noise", "fsmg"):
             prot = np.load(study / "protected" / f"{m}__16__s{sid}.npy")

@@ -2,8 +2,9 @@
 the workdir contract, budgets on disk, exit codes 0 / 1 / 2 and resume.
 
 Inputs are the shipped astronaut and cat (256 px): layer 1 works at 32 px on the tiny surrogate (2 images,
-the shapes of test_dladiff), layer 2 at 256 px on the astronaut with the landmarks of test_zeroshot and the
-random tiny IResNet, so every compiled step is shared with those files.
+the shapes of test_dladiff) with full attention (the flagfiles' chunked attention is the same function,
+test_dladiff; its flag reaching the surrogate is checked here without a run), layer 2 at 256 px on the astronaut
+with the landmarks of test_zeroshot and the random tiny IResNet, so every compiled step is shared with those files.
 """
 import csv
 import json
@@ -25,7 +26,8 @@ SHORT = ["--static_steps=1", "--static_batch=2", "--epochs=1", "--iter1=1", "--i
          "--encoders=iresnet_tiny", "--detector=none", "--zs_max_steps=12", "--step_zs=0.004", "--zs_threshold=0",
          "--zs_check_every=6", "--baseline_num_class_images=2", "--baseline_class_steps=2",
          "--disdiff_search_steps=1", "--antidiffusion_pto_steps=1", "--antidiffusion_tune_steps=1",
-         "--weights_dir=tiny"]  # the built-in tiny SD model (the flagfiles need real weights)
+         "--weights_dir=tiny",  # the built-in tiny SD model (the flagfiles need real weights)
+         "--memory_efficient_attention=false"]  # full attention: test_dladiff's compiled steps
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +86,21 @@ def test_layer1_flagfile_and_resume(inputs, tmp_path, capsys):
     assert run("dladiff_layer1.flags", inputs, work) == 0  # resume: nothing left to do
     assert (work / "protected" / "astronaut.png").stat().st_mtime_ns == stamp
     assert "2 skipped" in capsys.readouterr().out
+
+
+def test_layer1_flagfile_loads_the_chunked_surrogate(inputs, tmp_path):
+    """The flagfiles' --memory_efficient_attention=true (off in the runs above and below) reaches the surrogate
+    layer 1 loads (flags -> run config -> surrogate; nothing compiled)."""
+    from experiments import common
+    from tdae_jax.pipeline import load_surrogate
+
+    common.FLAGS.unparse_flags()
+    _, error, _ = common.parse_args(["dladiff", f"--flagfile={FLAGS_DIR / 'dladiff_layer1.flags'}",
+                                     f"--images={inputs[0]}", f"--workdir={tmp_path / 'w'}", "--weights_dir=tiny"],
+                                    cli.__name__)
+    assert error is None, error
+    cfg = cli.config_from_flags(common.FLAGS)
+    assert cfg.memory_efficient_attention and load_surrogate(cfg).static.unet.use_memory_efficient_attention
 
 
 def test_layer2_flagfile(inputs, tmp_path, caplog):

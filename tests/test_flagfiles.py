@@ -1,9 +1,11 @@
 """Every TDAE flagfile runs end to end on the built-in tiny surrogate, with a
 short iteration count and small sizes passed after the flagfile (later flags override earlier ones)."""
+import functools
 import os
 import re
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -13,8 +15,24 @@ from experiments import tdae as cli
 FLAGS_DIR = Path(__file__).resolve().parents[1] / "experiments" / "flags"
 TDAE_FLAGFILES = sorted(p.name for p in FLAGS_DIR.glob("*.flags")
                         if p.name.split("_")[0] in ("ip2p", "sd14", "sd3"))
+FAST = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}  # compile cheaply
 SHORT = ["--steps=2", "--size=16", "--timesteps=1", "--denoise_steps=1", "--tpa_n=1", "--dpd_period=1",
          "--dpd_steps=1", "--batch_size=1", "--report=false", "--ckpt_every=0", "--num_devices=1"]
+
+
+def _fast_jit(jit, fun=None, /, **kw):
+    """``jax.jit`` with XLA's backend (LLVM) optimisation off, merged under any ``compiler_options`` passed."""
+    kw["compiler_options"] = {**FAST, **(kw.get("compiler_options") or {})}
+    return jit(fun, **kw) if fun is not None else functools.partial(_fast_jit, jit, **kw)
+
+
+@pytest.fixture
+def fast_compile(monkeypatch):
+    """The command's programs (``jax.jit`` at call time: the protection step, its init, the text embedding) compile
+    with XLA's backend optimisation off: the runs check that a flagfile parses and runs end to end, not how fast
+    the step runs. Compilation of the step (minutes at full optimisation) halves; the optimisation level changes
+    no semantics, and a 2-step run at 16 px stays short."""
+    monkeypatch.setattr(jax, "jit", functools.partial(_fast_jit, jax.jit))
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +75,7 @@ def test_every_flagfile_parses_to_a_config(monkeypatch):
 
 
 @pytest.mark.parametrize("name", RUN)
-def test_flagfile_runs(name, images, tmp_path, monkeypatch):
+def test_flagfile_runs(name, images, tmp_path, monkeypatch, fast_compile):
     monkeypatch.chdir(FLAGS_DIR.parents[1])  # flagfiles include base.flags by a repo-relative path
     code = cli.run_cli(["tdae", f"--flagfile=experiments/flags/{name}", *SHORT, f"--images={images}",
                         f"--workdir={tmp_path / 'w'}"])

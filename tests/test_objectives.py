@@ -11,6 +11,7 @@ from tdae_jax import configs, models, objectives, prng
 from tdae_jax.defenses import tdae
 
 HOSTS = ["pge", "pge_untargeted", "pgd", "advdm", "tdae_v1", "sds", "mist", "ace", "sa"]
+FAST = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}  # directions and values, not speed: compile cheaply
 
 
 _SURS = {}
@@ -21,7 +22,7 @@ def _world(family):
         return _SURS[family]
     sur = models.tiny(family)
     rng = np.random.default_rng(0)
-    x0 = jnp.asarray(rng.integers(0, 256, (2, 32, 32, 3)) / 255.0, jnp.float32)
+    x0 = jnp.asarray(rng.integers(0, 256, (2, 16, 16, 3)) / 255.0, jnp.float32)  # 8 x 8 latents
     ids = sur.tokenize(["make the circle red", "add snow"])
     batch = {"x0": x0, "uid": jnp.asarray(prng.uids(["a", "b"])), "emb": sur.embed_ids(ids),
              "uncond": sur.embed_ids(sur.tokenize(["", ""])),
@@ -55,7 +56,7 @@ def test_objective_falls_under_pgd(host, family):
                                                       random_start=0.25 if objectives.needs_random_start(host) else 0))
     key = prng.base_key(0)
     state = init_fn(batch, key)
-    step = jax.jit(step_fn)
+    step = jax.jit(step_fn, compiler_options=FAST)
     losses = []  # a step reports O at its starting delta: step 0 = before, step N (not applied) = after N steps
     for i in range(steps + 1):
         new, m = step(state, batch, key)
@@ -70,10 +71,14 @@ def test_objective_falls_under_pgd(host, family):
 
 def test_sa_attention_maps_are_probabilities(world):
     sur, batch = world
-    z = sur.encode(batch["x0"])
-    t = jnp.array([500, 500])
-    _, maps = sur.unet_out(z, t, batch["emb"], attention=lambda p: True,
-                           **objectives.common.conditioning(sur, batch["x0"], batch))
+
+    def attention_maps(batch):
+        z = sur.encode(batch["x0"])
+        t = jnp.array([500, 500])
+        return sur.unet_out(z, t, batch["emb"], attention=lambda p: True,
+                            **objectives.common.conditioning(sur, batch["x0"], batch))[1]
+
+    maps = jax.jit(attention_maps, compiler_options=FAST)(batch)
     assert any(k.endswith("attn2") for k in maps) and any(k.endswith("attn1") for k in maps)
     for k, m in maps.items():
         np.testing.assert_allclose(np.asarray(m.sum(-1)), 1.0, rtol=1e-5)  # rows of a softmax
@@ -95,9 +100,8 @@ def test_sds_plus_is_sds_minus_negated_on_the_same_draws(world):
         f = objectives.make_objective(name, sur, configs.Objective(name=name, timesteps=2))
         return f(delta, batch, batch["emb"], keys), jax.grad(lambda d: f(d, batch, batch["emb"], keys).sum())(delta)
 
-    fast = {"xla_backend_optimization_level": 0}  # checks values, not speed: compile cheaply
     (v_plus, g_plus), (v_minus, g_minus) = jax.jit(lambda: (value_and_grad("sds_plus"), value_and_grad("sds")),
-                                                   compiler_options=fast)()
+                                                   compiler_options=FAST)()
     for a in (v_plus, g_plus, v_minus, g_minus):
         assert np.all(np.isfinite(np.asarray(a)))
     assert np.all(np.linalg.norm(np.asarray(g_minus).reshape(2, -1), axis=1) > 0)  # per image: a real direction

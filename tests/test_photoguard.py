@@ -12,7 +12,7 @@ import pytest
 from tdae_jax import configs, editors, models
 from tdae_jax.objectives import common, photoguard
 
-FAST = {"xla_backend_optimization_level": 0}  # behaviour, not speed: compile cheaply
+FAST = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}  # behaviour, not speed: compile cheaply
 B, H, K, S = 2, 16, 4, 0.5  # K = 4 inference steps at strength 0.5: 2 DDIM steps run
 
 
@@ -21,10 +21,15 @@ def _cfg(**kw):
     return configs.Objective(**{**base, **kw})
 
 
+def _draw(fn, keys):
+    """``fn(keys)`` (random draws) as one cheaply compiled program: run eagerly, each draw compiles on its own."""
+    return jax.jit(fn, compiler_options=FAST)(keys)
+
+
 @pytest.fixture(scope="module")
 def world():
     sur = models.tiny("sd")
-    x = jax.random.uniform(jax.random.key(0), (B, H, H, 3))
+    x = _draw(lambda k: jax.random.uniform(k, (B, H, H, 3)), jax.random.key(0))
     emb, uncond = editors.embed_prompts(sur, ["a red car", "snow on a hill"])
     keys = jax.random.split(jax.random.key(3), B)
     return sur, {"x0": x, "uncond": uncond}, emb, keys
@@ -81,9 +86,10 @@ def test_chain_is_the_ddim_editor_fed_the_same_noise(world, eta):
     loss = _single_pass(world, eta)
     shape = _shape(sur)
     n_steps = len(photoguard.ddim_timesteps(sur, K, S))
-    noise = {"encode": jax.vmap(lambda k: jax.random.normal(k, shape))(common.posterior_sample_keys(keys)),
-             "latents": common.draw_noise(keys, 1, shape)[0],
-             "steps": common.draw_noise(keys, n_steps, shape, photoguard.STEP_NOISE_STREAM)}
+    noise = _draw(lambda keys: {
+        "encode": jax.vmap(lambda k: jax.random.normal(k, shape))(common.posterior_sample_keys(keys)),
+        "latents": common.draw_noise(keys, 1, shape)[0],
+        "steps": common.draw_noise(keys, n_steps, shape, photoguard.STEP_NOISE_STREAM)}, keys)
     ed = editors.make_editor("img2img", sur, scheduler="ddim", num_inference_steps=K, strength=S, eta=eta,
                              output="latent", compiler_options=FAST)
     z = ed(batch["x0"], emb, batch["uncond"], keys, noise=noise)
@@ -145,7 +151,7 @@ def test_remat_changes_nothing_but_memory(world):
 @pytest.fixture(scope="module")
 def inpaint_world():
     sur = models.tiny("inpaint")
-    x = jax.random.uniform(jax.random.key(5), (B, H, H, 3))
+    x = _draw(lambda k: jax.random.uniform(k, (B, H, H, 3)), jax.random.key(5))
     mask = np.zeros((B, H, H, 1), np.float32)
     mask[0, 3:11, 5:14] = 1.0  # off the 2x latent grid on purpose: the resize rule matters
     mask[1, 8:, :7] = 0.7  # >= 0.5: repainted
@@ -175,9 +181,13 @@ def test_inpaint_chain_is_the_inpaint_editor(inpaint_world):
     loss = jax.jit(photoguard.make_diffusion(sur, cfg), compiler_options=FAST)(jnp.zeros_like(batch["x0"]), batch,
                                                                                emb, keys)
     shape = _shape(sur)
-    masked_keys = jax.vmap(lambda k: jax.random.fold_in(k, common.MASKED_IMAGE_STREAM))(keys)
-    noise = {"masked": jax.vmap(lambda k: jax.random.normal(k, shape))(common.posterior_sample_keys(masked_keys)),
-             "latents": common.draw_noise(keys, 1, shape)[0]}
+
+    def draws(keys):
+        masked_keys = jax.vmap(lambda k: jax.random.fold_in(k, common.MASKED_IMAGE_STREAM))(keys)
+        return {"masked": jax.vmap(lambda k: jax.random.normal(k, shape))(common.posterior_sample_keys(masked_keys)),
+                "latents": common.draw_noise(keys, 1, shape)[0]}
+
+    noise = _draw(draws, keys)
     ed = editors.make_editor("inpaint", sur, scheduler="ddim", num_inference_steps=2, output="latent",
                              compiler_options=FAST)
     z = ed(batch["x0"], emb, batch["uncond"], keys, mask=batch["mask"], noise=noise)

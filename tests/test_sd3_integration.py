@@ -11,6 +11,7 @@
   per-segment range clamp, the CLIP zero padding untouched.
 """
 import csv
+import functools
 import json
 import os
 
@@ -26,7 +27,8 @@ from tdae_jax.defenses import dpd as dpd_lib
 from tdae_jax.models import sd3, sd3_text
 
 PARITY_TOL = 1e-3
-FAST = {"xla_backend_optimization_level": 0}  # behaviour tests: compile cheaply (as tests/test_editors.py)
+# behaviour tests: compile cheaply (as tests/test_editors.py), without the fusion emitters (a third less compile time)
+FAST = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 MAX_SEQ = 16
 TR = dict(sd3.TINY_TRANSFORMER)  # 3 layers, qk rms_norm, dual attention in block 0
 
@@ -156,8 +158,9 @@ def test_pgd_objective_unrolls_the_editor(tiny):
     loss_fn = photoguard_flow.make_diffusion(tiny, cfg, editor_steps=6)  # 6 steps at strength 0.6: 4 run
     loss = jax.jit(loss_fn, compiler_options=FAST)(jnp.zeros_like(x), batch, batch["emb"], keys)
     shape = (16, 16, 16)  # latents of a 32 px image (tiny VAE: 2x down)
-    noise = {"encode": jax.vmap(lambda k: jax.random.normal(k, shape))(common.posterior_sample_keys(keys)),
-             "latents": common.draw_noise(keys, 1, shape)[0]}
+    noise = jax.jit(lambda keys: {  # the objective's draws (one program: eager draws compile one by one)
+        "encode": jax.vmap(lambda k: jax.random.normal(k, shape))(common.posterior_sample_keys(keys)),
+        "latents": common.draw_noise(keys, 1, shape)[0]}, compiler_options=FAST)(keys)
     fn = editors.make_editor("sd3_img2img", tiny, num_inference_steps=6, output="latent", compiler_options=FAST)
     z = fn(x, (batch["emb"], batch["pooled"]), (batch["uncond"], batch["uncond_pooled"]), keys, noise=noise)
     ref = jax.jit(lambda m, z: common.safe_l2(m.decode(z) - 0.5), compiler_options=FAST)(tiny, z)
@@ -231,6 +234,20 @@ CLI = ["--surrogate=sd3", "--size=32", "--steps=2", "--eps=0.03137254901960784",
         "--num_devices=1", "--report=false", "--log_every=1", "--timesteps=2"]
 
 
+def _fast_jit(jit, fun=None, /, **kw):
+    """``jax.jit`` with XLA's backend (LLVM) optimisation off, merged under any ``compiler_options`` passed."""
+    kw["compiler_options"] = {**FAST, **(kw.get("compiler_options") or {})}
+    return jit(fun, **kw) if fun is not None else functools.partial(_fast_jit, jit, **kw)
+
+
+@pytest.fixture
+def fast_compile(monkeypatch):
+    """The command's programs (``jax.jit`` at call time: the protection step, its init, the text embedding) compile
+    with XLA's backend optimisation off, as the behaviour tests above: these runs check what the command does,
+    not its speed; the optimisation level changes no semantics, and a 2-step run of the tiny model stays short."""
+    monkeypatch.setattr(jax, "jit", functools.partial(_fast_jit, jax.jit))
+
+
 def _run(args):
     return cli.run_cli(["tdae"] + CLI + args)
 
@@ -245,17 +262,17 @@ def _check_outputs(work, max_linf=8):
     return json.loads((work / "curves" / "img.json").read_text())
 
 
-def test_cli_sd3_pge_fdm(images, tmp_path, tiny):
+def test_cli_sd3_pge_fdm(images, tmp_path, tiny, fast_compile):
     work = tmp_path / "pge"
     assert _run([f"--images={images}", f"--workdir={work}", "--objective=pge", "--defense=fdm"]) == 0
     curves = _check_outputs(work)
     assert all(v == 0.0 for v in curves["dpd/round"])  # no DPD round ran (PGE + TDAE is refused: see below)
 
 
-def test_cli_sd3_pgd_tdae_with_t5_budget(images, tmp_path, tiny):
+def test_cli_sd3_pgd_tdae_with_t5_budget(images, tmp_path, tiny, fast_compile):
     work = tmp_path / "pgd"
     code = _run([f"--images={images}", f"--workdir={work}", "--objective=pgd", "--denoise_steps=1",
-                 "--defense=tdae", "--guidance_scale=1.0", "--dpd_period=1", "--dpd_steps=2",
+                 "--defense=tdae", "--guidance_scale=1.0", "--pgd_grad_reps=1", "--dpd_period=1", "--dpd_steps=2",
                  "--dpd_eps=0.03137254901960784", "--dpd_eps_t5=0.01", "--dpd_step_size=0.02"])
     assert code == 0
     curves = _check_outputs(work)
@@ -272,14 +289,14 @@ def test_cli_sd3_rejects_sa(images, tmp_path, capsys):
     assert not work.exists()
 
 
-def test_cli_sd3_model_parallel(images, tmp_path, tiny):
+def test_cli_sd3_model_parallel(images, tmp_path, tiny, fast_compile):
     """Model parallelism through the command: ``--model_parallel=4`` on the 8 forced devices splits the
     transformer over a ("data", "model") = (2, 4) mesh and protects the image (that the split run equals the
     replicated one, with the weights kept split inside the compiled step, is
     test_sd3_sharding.py::test_protector_keeps_model_sharding_and_matches_replicated)."""
     work = tmp_path / "mp4"
     assert _run([f"--images={images}", "--objective=pgd", "--denoise_steps=1", "--guidance_scale=1.0",
-                 "--num_devices=8", "--model_parallel=4", f"--workdir={work}"]) == 0
+                 "--pgd_grad_reps=1", "--num_devices=8", "--model_parallel=4", f"--workdir={work}"]) == 0
     curves = _check_outputs(work)
     assert np.all(np.isfinite(curves["loss"])) and len(curves["loss"]) == 2
     assert "--model_parallel=4" in (work / "flags.flags").read_text()
